@@ -1,0 +1,18 @@
+"""The learning side: a batched Neural Turing Machine for few-shot classification.
+
+This package never imports from ``service``; the service depends on it.
+"""
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.config import NTMConfig
+from models.ntm import NTM
+from models.state import NTMState
+
+__all__ = [
+    "NTM",
+    "CheckpointError",
+    "NTMConfig",
+    "NTMState",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,102 @@
+"""NTMConfig: every architectural choice of a model, serialisable as JSON.
+
+The config travels with the weights (``config.json`` beside ``model.safetensors``) and its
+hash is part of the fingerprint that ties a session state to the weights it was made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Encoder = Literal["flatten", "conv"]
+ENCODERS: tuple[str, ...] = ("flatten", "conv")
+
+
+@dataclass(frozen=True)
+class NTMConfig:
+    """Architecture of an NTM few-shot classifier (Graves et al. 2014; Santoro et al. 2016).
+
+    Attributes:
+        num_ways: classes per episode; the output has one logit per slot.
+        image_size: side of the square, preprocessed input image.
+        encoder: ``flatten`` (the seed: raw pixels) or ``conv`` (a small strided CNN).
+        conv_channels: output channels of each 3x3 stride-2 conv layer (``conv`` only).
+        feature_size: width of the conv encoder's output features (``conv`` only).
+        memory_slots: N, rows of the memory matrix.
+        memory_width: W, width of each memory row (and of the read vector).
+        hidden_size: the LSTM controller's hidden size.
+        shift_range: largest circular shift of the location addressing (1: shifts -1, 0, +1).
+        use_memory: False gives the LSTM-only baseline: the controller without memory.
+        memory_init: the constant every memory cell starts at (cosine needs a non-zero norm).
+    """
+
+    num_ways: int = 5
+    image_size: int = 28
+    encoder: Encoder = "conv"
+    conv_channels: tuple[int, ...] = (16, 32, 64)
+    feature_size: int = 64
+    memory_slots: int = 128
+    memory_width: int = 40
+    hidden_size: int = 200
+    shift_range: int = 1
+    use_memory: bool = True
+    memory_init: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        for name in ("num_ways", "image_size", "memory_slots", "memory_width", "hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_ways < 2:
+            raise ValueError(f"num_ways must be >= 2, got {self.num_ways}")
+        if not 0 <= self.shift_range < self.memory_slots:
+            raise ValueError("shift_range must be in [0, memory_slots)")
+        if self.encoder == "conv" and (not self.conv_channels or self.feature_size < 1):
+            raise ValueError("the conv encoder needs conv_channels and feature_size >= 1")
+        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
+
+    @property
+    def num_shifts(self) -> int:
+        """Number of shift weights s: one per offset in [-shift_range, +shift_range]."""
+        return 2 * self.shift_range + 1
+
+    @property
+    def read_width(self) -> int:
+        """Width of the read vector the controller and output see (0 without memory)."""
+        return self.memory_width if self.use_memory else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["conv_channels"] = list(self.conv_channels)
+        return data
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, so equal configs give equal text and hash."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NTMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        values = dict(data)
+        if "conv_channels" in values:
+            values["conv_channels"] = tuple(values["conv_channels"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> NTMConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("config JSON must be an object")
+        return cls.from_dict(data)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON, hex, first 16 characters."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

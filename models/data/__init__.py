@@ -1,0 +1,1 @@
+"""Omniglot reading, the one preprocessing function, and episode sampling."""

@@ -1,0 +1,363 @@
+"""``ntm-train``: meta-train an NTM (or the LSTM-only baseline) on Omniglot episodes.
+
+Optimiser: Adam (Kingma and Ba 2015), learning rate 1e-3 with a short linear warm-up and a
+cosine decay to 5%, gradient norm clipped at 10. Adam copes with the very different scales
+of the controller, head and output gradients of a memory-augmented net without tuning, and
+the decay settles the slot read-out late in training; clipping guards against the rare
+exploding step through 50 recurrent steps.
+
+Everything random comes from seeded generators whose states are checkpointed, so a run that
+is stopped and resumed gives the same losses as one that was not stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import WEIGHTS_FILE, load_config, resolve_device, save_checkpoint
+from models.config import NTMConfig
+from models.data.episodes import EpisodeSampler
+from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
+from models.evaluate import evaluate
+from models.ntm import NTM
+
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+SUMMARY_FILE = "metrics.json"
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    out: Path
+    config: NTMConfig = field(default_factory=NTMConfig)
+    shots: int = 10
+    batch_size: int = 16
+    iterations: int = 10000
+    max_minutes: float | None = None
+    lr: float = 1e-3
+    warmup: int = 200
+    clip_norm: float = 10.0
+    unlabeled_prob: float = 0.1
+    validation_alphabets: tuple[str, ...] = VALIDATION_ALPHABETS
+    val_every: int = 500
+    val_episodes: int = 500
+    checkpoint_minutes: float = 3.0
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    stop_at: int | None = None
+    log_every: int = 20
+    progress: bool = True
+
+
+def learning_rate(options: TrainOptions, iteration: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` iterations, then cosine from lr down to 5% of lr."""
+    if iteration < options.warmup:
+        return options.lr * (iteration + 1) / options.warmup
+    return options.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_step(model: NTM, optimizer: torch.optim.Optimizer, batch, clip_norm: float) -> tuple[float, float]:
+    """One gradient step on a batch of episodes; returns (loss, accuracy)."""
+    model.train()
+    logits = model(batch.images, batch.label_inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    accuracy = (logits.detach().argmax(-1) == batch.targets).float().mean()
+    return loss.item(), accuracy.item()
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Learning curves (training loss and accuracy, validation accuracy by instance) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["episodes"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax_loss.plot([r["episodes"] for r in val], [r["loss"] for r in val], label="validation loss")
+    ax_loss.set_xlabel("episodes")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    ax_acc.plot([r["episodes"] for r in train], [r["accuracy"] for r in train], label="train (all steps)", alpha=0.6)
+    for k in ("1", "2", "10"):
+        ax_acc.plot(
+            [r["episodes"] for r in val],
+            [r["by_instance"][k]["accuracy"] for r in val],
+            label=f"validation, instance {k}",
+        )
+    ax_acc.set_xlabel("episodes")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+
+
+class Trainer:
+    """Owns the model, optimiser, samplers and logs of one training run."""
+
+    def __init__(self, options: TrainOptions) -> None:
+        self.options = options
+        self.device = resolve_device(options.device)
+        torch.manual_seed(options.seed)
+        config = load_config(options.out) if options.resume else options.config
+        self.config = config
+        omniglot = load_omniglot(options.data, config.image_size)
+        train_set = omniglot.select(options.validation_alphabets, exclude=True)
+        val_set = omniglot.select([a for a in options.validation_alphabets if a in omniglot.alphabets])
+        ways = config.num_ways
+        self.sampler = EpisodeSampler(
+            train_set.as_array(), ways, options.shots, options.unlabeled_prob, seed=options.seed, device=self.device
+        )
+        self.val_data = val_set.as_array()
+        self.model = NTM(config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)
+        self.iteration, self.episodes, self.elapsed = 0, 0, 0.0
+        options.out.mkdir(parents=True, exist_ok=True)
+        if options.resume:
+            self._load()
+        else:
+            (options.out / METRICS_FILE).write_text("")
+
+    def validate(self) -> dict:
+        sampler = EpisodeSampler(
+            self.val_data,
+            self.config.num_ways,
+            self.options.shots,
+            max_shift=0,
+            max_rotation_deg=0,
+            rotate_classes=False,
+            seed=12345,
+            device=self.device,
+        )
+        return evaluate(self.model, sampler, self.options.val_episodes)
+
+    def progress(self) -> float:
+        fraction = self.iteration / self.options.iterations
+        if self.options.max_minutes:
+            fraction = max(fraction, self.elapsed / (60 * self.options.max_minutes))
+        return fraction
+
+    def run(self) -> dict:
+        """Train until the schedule ends; returns the summary written to metrics.json."""
+        with (self.options.out / METRICS_FILE).open("a") as self.log:
+            return self._run()
+
+    def _run(self) -> dict:
+        opts = self.options
+        bar = tqdm(
+            total=opts.iterations, initial=self.iteration, disable=not opts.progress, unit="it", dynamic_ncols=True
+        )
+        last_save = time.monotonic()
+        window: list[tuple[float, float]] = []
+        start, start_episodes = time.monotonic(), self.episodes
+        elapsed_at_start = self.elapsed
+        while self.progress() < 1.0:
+            if opts.stop_at is not None and self.iteration >= opts.stop_at:
+                bar.close()
+                self.save()
+                return {"stopped_at": self.iteration}
+            lr = learning_rate(opts, self.iteration, self.progress())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.sampler.sample(opts.batch_size)
+            loss, accuracy = train_step(self.model, self.optimizer, batch, opts.clip_norm)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at iteration {self.iteration}")
+            self.iteration += 1
+            self.episodes += opts.batch_size
+            self.elapsed = elapsed_at_start + time.monotonic() - start
+            window.append((loss, accuracy))
+            episodes_per_s = (self.episodes - start_episodes) / max(time.monotonic() - start, 1e-9)
+            bar.update(1)
+            if self.iteration % opts.log_every == 0:
+                mean_loss = sum(x for x, _ in window) / len(window)
+                mean_acc = sum(y for _, y in window) / len(window)
+                window.clear()
+                bar.set_postfix(
+                    loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}", eps=f"{episodes_per_s:.0f}/s", lr=f"{lr:.1e}"
+                )
+                self._write(
+                    {
+                        "kind": "train",
+                        "loss": mean_loss,
+                        "accuracy": mean_acc,
+                        "lr": lr,
+                        "episodes_per_s": episodes_per_s,
+                    }
+                )
+            if self.iteration % opts.val_every == 0:
+                result = self.validate()
+                self._write({"kind": "val", **result})
+                bar.write(
+                    f"iteration {self.iteration}: validation "
+                    + ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in result["by_instance"].items())
+                )
+            if time.monotonic() - last_save > 60 * opts.checkpoint_minutes:
+                self.save()
+                last_save = time.monotonic()
+        bar.close()
+        final = self.validate()
+        self._write({"kind": "val", **final})
+        self.save()
+        summary = {
+            "config": self.config.to_dict(),
+            "iterations": self.iteration,
+            "episodes": self.episodes,
+            "train_seconds": self.elapsed,
+            "validation_alphabets": list(opts.validation_alphabets),
+            "validation": final,
+        }
+        (opts.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(opts.out / METRICS_FILE, opts.out / CURVES_FILE)
+        return summary
+
+    def _write(self, row: dict) -> None:
+        row = {"iteration": self.iteration, "episodes": self.episodes, "seconds": round(self.elapsed, 2), **row}
+        self.log.write(json.dumps(row) + "\n")
+        self.log.flush()
+
+    def save(self) -> None:
+        """Model checkpoint plus everything needed to resume exactly (optimiser and RNG states)."""
+        save_checkpoint(self.model, self.options.out)
+        state = {
+            "iteration": self.iteration,
+            "elapsed": self.elapsed,
+            "episodes": self.episodes,
+            "optimizer": self.optimizer.state_dict(),
+            "sampler_rng": self.sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.options.out / (TRAIN_STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.options.out / TRAIN_STATE_FILE)
+
+    def _load(self) -> None:
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(self.options.out / WEIGHTS_FILE), device=str(self.device)))
+        state = torch.load(self.options.out / TRAIN_STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["sampler_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.iteration, self.elapsed = state["iteration"], state["elapsed"]
+        self.episodes = state.get("episodes", self.iteration * self.options.batch_size)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    parser = argparse.ArgumentParser(prog="ntm-train", description="Meta-train an NTM on Omniglot episodes.")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data/omniglot/images_background.zip"),
+        help="Omniglot folder or zip",
+    )
+    parser.add_argument(
+        "--download",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="fetch the official background zip into DIR first and train on it",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--encoder", choices=["conv", "flatten"], default="conv")
+    parser.add_argument("--no-memory", action="store_true", help="train the LSTM-only baseline")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--memory-slots", type=int, default=128)
+    parser.add_argument("--memory-width", type=int, default=40)
+    parser.add_argument("--hidden-size", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=10000)
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="stop (and finish the schedule) after this long"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--clip-norm", type=float, default=10.0)
+    parser.add_argument("--unlabeled-prob", type=float, default=0.1)
+    parser.add_argument(
+        "--validation-alphabets",
+        nargs="+",
+        default=list(VALIDATION_ALPHABETS),
+        help="background alphabets held out for validation",
+    )
+    parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--val-episodes", type=int, default=500)
+    parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="checkpoint and stop at this iteration, as if interrupted"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if args.download is not None:
+        from models.data.omniglot import download_omniglot
+
+        data = download_omniglot(args.download)[0]
+    config = NTMConfig(
+        num_ways=args.ways,
+        encoder=args.encoder,
+        use_memory=not args.no_memory,
+        memory_slots=args.memory_slots,
+        memory_width=args.memory_width,
+        hidden_size=args.hidden_size,
+    )
+    return TrainOptions(
+        data=data,
+        out=args.out,
+        config=config,
+        shots=args.shots,
+        batch_size=args.batch_size,
+        iterations=args.iterations,
+        max_minutes=args.max_minutes,
+        lr=args.lr,
+        warmup=args.warmup,
+        clip_norm=args.clip_norm,
+        unlabeled_prob=args.unlabeled_prob,
+        validation_alphabets=tuple(args.validation_alphabets),
+        val_every=args.val_every,
+        val_episodes=args.val_episodes,
+        checkpoint_minutes=args.checkpoint_minutes,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        stop_at=args.stop_at,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = Trainer(parse_args(argv)).run()
+    print(json.dumps(summary.get("validation", summary), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

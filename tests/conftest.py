@@ -1,0 +1,56 @@
+"""Shared fixtures: a small Omniglot-layout data set the tests draw themselves."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(1)
+
+FIXTURE_ALPHABETS = ("Alpha", "Beta", "Gamma")
+CHARACTERS_PER_ALPHABET = 4
+DRAWINGS = 12
+
+
+def draw_character(alphabet: int, character: int, drawing: int, size: int = 105) -> Image.Image:
+    """A 1-bit, Omniglot-like drawing: a few strokes fixed by (alphabet, character), jittered by drawing."""
+    shape = np.random.default_rng(1000 * alphabet + character)
+    jitter = np.random.default_rng(10_000 + 1000 * alphabet + 100 * character + drawing)
+    image = Image.new("1", (size, size), 1)
+    pen = ImageDraw.Draw(image)
+    for _ in range(3):
+        points = shape.uniform(15, size - 15, size=(3, 2)) + jitter.normal(0, 2, size=(3, 2))
+        pen.line([tuple(p) for p in points], fill=0, width=4)
+    return image
+
+
+def write_omniglot(root: Path, set_name: str = "images_background") -> Path:
+    for a, alphabet in enumerate(FIXTURE_ALPHABETS):
+        for c in range(CHARACTERS_PER_ALPHABET):
+            folder = root / set_name / alphabet / f"character{c + 1:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for d in range(DRAWINGS):
+                draw_character(a, c, d).save(folder / f"{a * 100 + c:04d}_{d + 1:02d}.png")
+    return root / set_name
+
+
+def zip_folder(folder: Path, target: Path) -> Path:
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted(folder.rglob("*.png")):
+            archive.write(path, path.relative_to(folder.parent).as_posix())
+    return target
+
+
+@pytest.fixture(scope="session")
+def omniglot_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_omniglot(tmp_path_factory.mktemp("omniglot"))
+
+
+@pytest.fixture(scope="session")
+def omniglot_zip(omniglot_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return zip_folder(omniglot_folder, tmp_path_factory.mktemp("zip") / "images_background.zip")

@@ -1,0 +1,78 @@
+"""Each NTM equation against small cases computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from models import addressing
+
+
+def test_cosine_and_content_weighting_by_hand():
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])  # [1, 3, 2]
+    key = torch.tensor([[[3.0, 0.0]]])  # [1, 1, 2]
+    cos = addressing.cosine_similarity(memory, key)
+    assert torch.allclose(cos, torch.tensor([[[1.0, 0.0, 1 / math.sqrt(2)]]]))
+    beta = torch.tensor([[[2.0]]])
+    expected = torch.tensor([math.exp(2.0), 1.0, math.exp(2 / math.sqrt(2))])
+    expected = expected / expected.sum()
+    assert torch.allclose(addressing.content_weighting(memory, key, beta)[0, 0], expected)
+
+
+def test_cosine_of_zero_vectors_is_zero_not_nan():
+    cos = addressing.cosine_similarity(torch.zeros(1, 4, 3), torch.zeros(1, 2, 3))
+    assert torch.equal(cos, torch.zeros(1, 2, 4))
+
+
+def test_interpolation_by_hand():
+    w_c = torch.tensor([[[1.0, 0.0, 0.0]]])
+    w_prev = torch.tensor([[[0.0, 0.0, 1.0]]])
+    gate = torch.tensor([[[0.25]]])
+    assert torch.allclose(addressing.interpolate(w_c, w_prev, gate), torch.tensor([[[0.25, 0.0, 0.75]]]))
+
+
+def test_shift_moves_weight_across_the_wrap_around():
+    w = torch.tensor([[[0.0, 0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0, 0.0]]])  # last slot; first slot
+    forward = torch.tensor([[[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]]])  # +1 for the first, -1 for the second
+    out = addressing.circular_shift(w, forward)
+    assert torch.equal(out[0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # slot 3 -> slot 0
+    assert torch.equal(out[1, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))  # slot 0 -> slot 3
+
+
+def test_shift_is_a_circular_convolution():
+    w = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])
+    s = torch.tensor([[[0.2, 0.5, 0.3]]])  # offsets -1, 0, +1
+    out = addressing.circular_shift(w, s)[0, 0]
+    # by hand: out[i] = s(-1) w[i+1] + s(0) w[i] + s(+1) w[i-1], indices mod 4
+    assert torch.allclose(out, torch.tensor([0.21, 0.19, 0.29, 0.31]))
+    assert out.sum().item() == pytest.approx(1.0)
+
+
+def test_sharpening_by_hand():
+    w = torch.tensor([[[0.2, 0.3, 0.5]]])
+    gamma = torch.tensor([[[2.0]]])
+    expected = torch.tensor([0.04, 0.09, 0.25]) / 0.38
+    assert torch.allclose(addressing.sharpen(w, gamma)[0, 0], expected, atol=1e-6)
+
+
+def test_sharpening_with_huge_gamma_stays_finite():
+    w = torch.tensor([[[1e-20, 1e-30, 1e-25]]])
+    out = addressing.sharpen(w, torch.tensor([[[1e4]]]))
+    assert torch.isfinite(out).all() and out.sum().item() == pytest.approx(1.0)
+
+
+def test_read_by_hand():
+    memory = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    w = torch.tensor([[0.25, 0.75]])
+    assert torch.allclose(addressing.read(memory, w), torch.tensor([[2.5, 3.5]]))
+
+
+def test_erase_and_add_by_hand():
+    memory = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    w = torch.tensor([[1.0, 0.5]])
+    erase = torch.tensor([[0.5, 1.0]])
+    add = torch.tensor([[10.0, 20.0]])
+    out = addressing.write(memory, w, erase, add)
+    # row 0: [1*(1-0.5), 2*(1-1)] + [10, 20]; row 1: [3*(1-0.25), 4*(1-0.5)] + [5, 10]
+    assert torch.allclose(out, torch.tensor([[[10.5, 20.0], [7.25, 12.0]]]))
+    assert torch.equal(memory, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])), "write must not modify its input"

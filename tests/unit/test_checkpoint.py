@@ -1,0 +1,58 @@
+"""Checkpoints: config.json + model.safetensors round trip, and clear refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import NTM, CheckpointError, NTMConfig, load_checkpoint, save_checkpoint
+
+SMALL = NTMConfig(memory_slots=8, memory_width=4, hidden_size=8, conv_channels=(4,), feature_size=6)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = NTM(SMALL)
+    save_checkpoint(model, tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config == SMALL
+    assert loaded.fingerprint() == model.fingerprint()
+    x = torch.rand(3, 2, 28, 28)
+    labels = torch.zeros(3, 2, 5)
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(x, labels), loaded(x, labels))
+
+
+def test_shape_mismatch_is_refused_naming_the_file(tmp_path):
+    save_checkpoint(NTM(SMALL), tmp_path)
+    (tmp_path / "config.json").write_text(
+        NTMConfig(memory_slots=8, memory_width=4, hidden_size=9, conv_channels=(4,), feature_size=6).to_json()
+    )
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*shape"):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_and_unexpected_tensors_are_refused(tmp_path):
+    save_checkpoint(NTM(SMALL), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors.pop("output.bias")
+    tensors["extra"] = torch.zeros(1)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing output.bias.*unexpected extra"):
+        load_checkpoint(tmp_path)
+
+
+def test_malformed_files_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json: no such file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid config"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"num_ways": 5, "layers": 3}))
+    with pytest.raises(CheckpointError, match="unknown config keys: layers"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(SMALL.to_json())
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path)
