@@ -16,13 +16,16 @@ from PIL import Image
 MAX_DECODE_PIXELS = 4096 * 4096
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
 def decode_grayscale(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
     """Decode PNG or JPEG bytes to a float32 [H, W] array of 0-255 gray levels.
 
     The size is checked from the header before any pixel is decoded; transparency is
     composited onto white, since a transparent background means "no ink".
     """
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(f"image has {width}x{height} pixels, more than {max_pixels}")

@@ -1,0 +1,1 @@
+"""The serving side: a FastAPI session service over the ``models`` package."""

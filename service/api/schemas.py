@@ -1,0 +1,112 @@
+"""Request and response models of the /v1 API, with examples that work when pasted."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, model_validator
+
+Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: a string or an integer")]
+
+EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255, 255, 255, 255]]
+
+
+class ImageIn(BaseModel):
+    """Grayscale, dark strokes on a light background, up to 512x512: exactly one of png or pixels."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"pixels": EXAMPLE_PIXELS}]})
+
+    png: str | None = Field(None, description="base64 of a PNG or JPEG file")
+    pixels: list[list[float]] | None = Field(None, description="rows of 0-255 gray levels (255 = white paper)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageIn:
+        if (self.png is None) == (self.pixels is None):
+            raise ValueError("give exactly one of png or pixels")
+        return self
+
+
+class StepIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"image": {"pixels": EXAMPLE_PIXELS}, "label": "a"}]}
+    )
+
+    image: ImageIn
+    label: Label | None = Field(None, description="the image's label; omit it for a query")
+    step: int | None = Field(None, ge=0, description="the step index the client expects (for exactly-once retries)")
+
+
+class StepsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[StepIn] = Field(min_length=1, description="steps applied in order, as one change of the session")
+
+
+def _step_kind(value: Any) -> str:
+    return (
+        "batch"
+        if isinstance(value, dict | StepsIn) and ("steps" in value if isinstance(value, dict) else True)
+        else "single"
+    )
+
+
+StepRequest = Annotated[Annotated[StepIn, Tag("single")] | Annotated[StepsIn, Tag("batch")], Discriminator(_step_kind)]
+
+
+class CreateSessionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_seconds": 600}]})
+
+    model: str | None = Field(None, description="a name from GET /v1/models; the default model when omitted")
+    ttl_seconds: float | None = Field(None, gt=0, description="idle time before the session expires")
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    model: str
+    num_ways: int
+    expires_at: str
+
+
+class SessionInfoOut(SessionOut):
+    steps: int
+    labels: list[Label | None]
+    accuracy: float | None = Field(description="online accuracy over the session's labeled steps")
+
+
+class StepOut(BaseModel):
+    step: int = Field(description="this step's index, from 0")
+    probabilities: list[float] = Field(description="one per slot, in slot order, predicted before this step's label")
+    labels: list[Label | None] = Field(description="each slot's label after this step (null: free slot)")
+    prediction: Label | None = Field(description="the label of the most probable slot, null if that slot is free")
+    predicted_slot: int
+    novelty: float = Field(description="probability mass on slots with no label yet: 'a class not seen before'")
+
+
+class StepsOut(BaseModel):
+    results: list[StepOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    num_ways: int
+    image_size: int
+    encoder: str
+    memory: list[int] | None
+    hidden_size: int
+    fingerprint: str
+    default: bool
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,116 @@
+"""/v1: sessions and steps over JSON REST."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from service.api.schemas import (
+    CreateSessionIn,
+    ErrorOut,
+    ImageIn,
+    ModelsOut,
+    SessionInfoOut,
+    SessionOut,
+    StepOut,
+    StepRequest,
+    StepsIn,
+    StepsOut,
+)
+from service.engine import SessionEngine, StepInput, iso_time, request_digest
+from service.errors import APIError
+from service.images import decode_png, pixels_array, to_model_input
+
+SessionId = Annotated[str, Path(min_length=1, max_length=64, description="the ID from POST /v1/sessions")]
+ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 503)}
+
+router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
+
+
+def get_engine(request: Request) -> SessionEngine:
+    return request.app.state.engine
+
+
+def get_owner(request: Request) -> str:
+    return getattr(request.state, "owner", "")
+
+
+Engine = Annotated[SessionEngine, Depends(get_engine)]
+Owner = Annotated[str, Depends(get_owner)]
+
+
+async def to_tensor(image: ImageIn, engine: SessionEngine, image_size: int):
+    max_side = engine.settings.max_image_side
+    if image.png is not None:
+        gray = await run_in_threadpool(decode_png, image.png, max_side)
+    else:
+        gray = pixels_array(image.pixels or [], max_side)
+    return to_model_input(np.asarray(gray), image_size)
+
+
+@router.get("/models", response_model=ModelsOut, summary="The models this replica serves")
+async def list_models(engine: Engine) -> JSONResponse:
+    return JSONResponse({"models": [m.describe() for m in engine.registry.models.values()]})
+
+
+@router.post("/sessions", status_code=201, response_model=SessionOut, summary="Open a session (a fresh episode)")
+async def create_session(
+    engine: Engine, owner: Owner, body: Annotated[CreateSessionIn | None, Body()] = None
+) -> JSONResponse:
+    body = body or CreateSessionIn()
+    record = await engine.create(body.model, body.ttl_seconds, owner)
+    served = engine.served(record.model)
+    return JSONResponse(
+        {
+            "session_id": record.session_id,
+            "model": record.model,
+            "num_ways": served.num_ways,
+            "expires_at": iso_time(record.expires_at),
+        },
+        status_code=201,
+    )
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfoOut, summary="A session's progress")
+async def get_session(session_id: SessionId, engine: Engine, owner: Owner) -> JSONResponse:
+    return JSONResponse(engine.describe(await engine.load(session_id, owner)))
+
+
+@router.post(
+    "/sessions/{session_id}/steps",
+    response_model=StepOut | StepsOut,
+    summary="Send a step (or several): predict, then learn from the label",
+    description="Body: one step {image, label?, step?} -> one result; or {steps: [...]} -> {results: [...]}, applied in order.",
+)
+async def post_steps(
+    session_id: SessionId, body: Annotated[StepRequest, Body()], engine: Engine, owner: Owner
+) -> JSONResponse:
+    batch = isinstance(body, StepsIn)
+    items = body.steps if isinstance(body, StepsIn) else [body]
+    if len(items) > engine.settings.max_steps_per_request:
+        raise APIError(
+            422, "too_many_steps", f"{len(items)} steps in one request; at most {engine.settings.max_steps_per_request}"
+        )
+    record = await engine.load(session_id, owner)
+    image_size = engine.served(record.model).model.config.image_size
+    inputs = [StepInput(await to_tensor(item.image, engine, image_size), item.label, item.step) for item in items]
+    digest = request_digest([item.model_dump_json(exclude={"step"}) for item in items])
+    results = await engine.step(session_id, inputs, digest, owner)
+    return JSONResponse({"results": results} if batch else results[0])
+
+
+@router.post(
+    "/sessions/{session_id}/reset", response_model=SessionInfoOut, summary="Start a fresh episode in the same session"
+)
+async def reset_session(session_id: SessionId, engine: Engine, owner: Owner) -> JSONResponse:
+    return JSONResponse(engine.describe(await engine.reset(session_id, owner)))
+
+
+@router.delete("/sessions/{session_id}", status_code=204, summary="End a session")
+async def delete_session(session_id: SessionId, engine: Engine, owner: Owner) -> Response:
+    await engine.delete(session_id, owner)
+    return Response(status_code=204)

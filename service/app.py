@@ -1,0 +1,127 @@
+"""The FastAPI application factory: a lifespan that loads models, opens the store and sweeps it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api import v1
+from service.engine import SessionEngine
+from service.errors import error_response, install_error_handlers
+from service.logs import configure_logging, log
+from service.metrics import Metrics
+from service.middleware import RequestMiddleware
+from service.registry import ModelRegistry
+from service.sessions.memory import MemoryStore
+from service.sessions.store import SessionStore
+from service.settings import Settings
+
+DRAIN_SECONDS = 30.0
+
+
+def open_store(settings: Settings) -> SessionStore:
+    """The store a URL names: memory:// or redis://host:port/db (rediss:// too)."""
+    if settings.store.startswith("memory://"):
+        return MemoryStore()
+    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+        from service.sessions.redis import RedisStore
+
+        return RedisStore(settings.store, settings.redis_prefix, settings.redis_timeout_seconds)
+    raise ValueError(f"unknown store {settings.store!r}: use memory:// or redis://host:port/db")
+
+
+async def _sweep(engine: SessionEngine, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(Exception):
+            removed = await engine.store.sweep()
+            if removed:
+                log.info("swept expired sessions", extra={"fields": {"removed": removed}})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        registry = ModelRegistry.load(
+            settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, None
+        )
+        for name, served in registry.models.items():
+            served.batcher._observe = metrics.batch_observer(name)
+        store = open_store(settings)
+        engine = SessionEngine(settings, registry, store, metrics)
+        app.state.engine = engine
+        sweeper = asyncio.create_task(_sweep(engine, settings.sweep_interval_seconds))
+        log.info("ready", extra={"fields": {"models": list(registry.models), "store": settings.store.split("@")[-1]}})
+        try:
+            yield
+        finally:
+            engine.draining = True
+            for _ in range(int(DRAIN_SECONDS * 100)):
+                if engine.inflight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            registry.close()
+            await store.close()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="NTM few-shot service",
+        version="0.1.0",
+        description="Few-shot character recognition: a Neural Turing Machine whose per-session memory learns from labeled steps at inference time.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(v1.router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: models loaded and the store reachable")
+    async def readyz() -> JSONResponse:
+        engine: SessionEngine | None = getattr(app.state, "engine", None)
+        if engine is None or engine.draining:
+            return error_response(503, "not_ready", "the service is starting or shutting down")
+        try:
+            reachable = await asyncio.wait_for(engine.store.ping(), settings.redis_timeout_seconds)
+        except Exception:
+            reachable = False
+        if not reachable:
+            return error_response(503, "not_ready", "the session store is unreachable")
+        return JSONResponse({"status": "ready", "models": list(engine.registry.models)})
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        engine: SessionEngine | None = getattr(app.state, "engine", None)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                metrics.active_sessions.set(await engine.store.count())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(
+        RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, access_log=settings.access_log
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers > 1``: settings come from NTM_* variables."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

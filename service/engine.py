@@ -1,0 +1,267 @@
+"""Session semantics shared by every API: create, step (exactly once), reset, delete.
+
+Predict, then learn: a step's probabilities are the model's prediction for its image made
+before its label is seen; the label reaches the model as the next step's label input.
+
+Exactly once: a replica runs one request of a session at a time (a per-session lock) and
+commits the new record with compare-and-set on the record's version, so racing requests or
+replicas never both apply a step. A request may name the step index it expects: a retry of
+the session's last request with the same content gets that request's stored result; any
+other mismatch is a 409 with the current step count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from service.batching import BatcherClosed
+from service.errors import APIError
+from service.metrics import Metrics
+from service.registry import ModelRegistry, ServedModel
+from service.sessions import labels as slots
+from service.sessions.store import SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
+from service.settings import Settings
+
+COMMIT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One step after validation: the model-ready image, the client's label, the expected index."""
+
+    image: torch.Tensor
+    label: slots.Label | None = None
+    step: int | None = None
+
+
+def request_digest(parts: list[str]) -> str:
+    """Identity of a request's content (its steps' images and labels, not their indices), to recognise a retry."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, "unavailable", message, headers={"Retry-After": "1"})
+
+
+class SessionEngine:
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics) -> None:
+        self.settings, self.registry, self.store, self.metrics = settings, registry, store, metrics
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.draining = False
+        self.inflight = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    @asynccontextmanager
+    async def _session_lock(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    async def _store_call(self, awaitable):
+        try:
+            return await awaitable
+        except StoreUnavailable:
+            raise unavailable("the session store is unavailable; retry shortly") from None
+
+    def served(self, name: str | None) -> ServedModel:
+        served = self.registry.get(name)
+        if served is None:
+            raise APIError(404, "model_not_found", f"no model named {name!r}; see GET /v1/models")
+        return served
+
+    async def load(self, session_id: str, owner: str = "") -> SessionRecord:
+        record = await self._store_call(self.store.get(session_id))
+        if record is None or record.owner != owner:
+            raise APIError(404, "session_not_found", f"no live session {session_id!r} (unknown or expired)")
+        return record
+
+    def _served_for(self, record: SessionRecord) -> ServedModel:
+        served = self.registry.get(record.model)
+        if served is None or served.fingerprint != record.fingerprint:
+            raise APIError(
+                409,
+                "state_incompatible",
+                f"session {record.session_id!r} was made by other weights of model {record.model!r} than this replica serves; open a new session",
+            )
+        return served
+
+    # ------------------------------------------------------------------ operations
+
+    async def create(
+        self, model: str | None = None, ttl_seconds: float | None = None, owner: str = "", session_id: str | None = None
+    ) -> SessionRecord:
+        served = self.served(model)
+        ttl = ttl_seconds or self.settings.session_ttl_seconds
+        if ttl > self.settings.max_session_ttl_seconds:
+            raise APIError(
+                422, "invalid_request", f"ttl_seconds may be at most {self.settings.max_session_ttl_seconds:g}"
+            )
+        record = SessionRecord(
+            session_id=session_id or new_session_id(),
+            model=served.name,
+            fingerprint=served.fingerprint,
+            state=served.initial_state,
+            ttl_seconds=ttl,
+            expires_at=time.time() + ttl,
+            owner=owner,
+        )
+        try:
+            await self._store_call(self.store.create(record, self.settings.max_sessions))
+        except StoreFull:
+            raise APIError(
+                503,
+                "store_full",
+                f"the service holds its limit of {self.settings.max_sessions} live sessions; retry later",
+                headers={"Retry-After": "30"},
+            ) from None
+        return record
+
+    async def delete(self, session_id: str, owner: str = "") -> None:
+        await self.load(session_id, owner)
+        await self._store_call(self.store.delete(session_id))
+
+    async def reset(self, session_id: str, owner: str = "") -> SessionRecord:
+        async with self._session_lock(session_id):
+            for _ in range(COMMIT_ATTEMPTS):
+                record = await self.load(session_id, owner)
+                served = self.served(record.model)
+                fresh = replace(
+                    record,
+                    fingerprint=served.fingerprint,
+                    state=served.initial_state,
+                    steps=0,
+                    version=record.version + 1,
+                    labels=[],
+                    pending_slot=-1,
+                    labeled_steps=0,
+                    correct_steps=0,
+                    last_request="",
+                    last_request_start=-1,
+                    last_response=None,
+                ).touched()
+                if await self._store_call(self.store.commit(fresh, record.version)):
+                    return fresh
+        raise unavailable("the session changed under this request too many times; retry")
+
+    async def step(self, session_id: str, inputs: list[StepInput], digest: str, owner: str = "") -> list[dict]:
+        """Apply ``inputs`` in order as one atomic change of the session; returns one result per step."""
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        self.inflight += 1
+        try:
+            async with self._session_lock(session_id):
+                for _ in range(COMMIT_ATTEMPTS):
+                    record = await self.load(session_id, owner)
+                    replay = self._check_expected_step(record, inputs, digest)
+                    if replay is not None:
+                        return replay
+                    new_record, results = await self._apply(record, inputs, digest)
+                    if await self._store_call(self.store.commit(new_record, record.version)):
+                        self.metrics.steps.labels(record.model).inc(len(inputs))
+                        return results
+                raise unavailable("the session changed under this request too many times; retry")
+        finally:
+            self.inflight -= 1
+
+    def _check_expected_step(self, record: SessionRecord, inputs: list[StepInput], digest: str) -> list[dict] | None:
+        expected = inputs[0].step
+        for offset, item in enumerate(inputs):
+            if item.step is not None and (expected is None or item.step != expected + offset):
+                raise APIError(422, "invalid_request", "step indices within one request must be consecutive")
+        if expected is None or expected == record.steps:
+            return None
+        if expected == record.last_request_start and digest == record.last_request:
+            return record.last_response
+        raise APIError(
+            409,
+            "step_conflict",
+            f"step {expected} does not follow: the session has {record.steps} steps, so the next step is {record.steps}",
+            steps=record.steps,
+        )
+
+    async def _apply(
+        self, record: SessionRecord, inputs: list[StepInput], digest: str
+    ) -> tuple[SessionRecord, list[dict]]:
+        served = self._served_for(record)
+        try:
+            slots.check_capacity(record.labels, [i.label for i in inputs if i.label is not None], served.num_ways)
+        except slots.TooManyLabels as exc:
+            raise APIError(422, "too_many_labels", str(exc), labels_in_use=exc.in_use) from None
+        state, labels, pending = record.state, record.labels, record.pending_slot
+        labeled, correct = record.labeled_steps, record.correct_steps
+        results = []
+        for offset, item in enumerate(inputs):
+            try:
+                probabilities, state = await served.batcher.step(state, item.image, pending)
+            except BatcherClosed:
+                raise unavailable("the server is shutting down") from None
+            probs = probabilities.tolist()
+            top = max(range(len(probs)), key=probs.__getitem__)
+            novelty = sum(p for slot, p in enumerate(probs) if slot >= len(labels))
+            prediction = labels[top] if top < len(labels) else None
+            pending = -1
+            if item.label is not None:
+                pending, labels = slots.assign(labels, item.label, served.num_ways)
+                labeled += 1
+                correct += int(top == pending)
+            results.append(
+                {
+                    "step": record.steps + offset,
+                    "probabilities": probs,
+                    "labels": [*labels, *[None] * (served.num_ways - len(labels))],
+                    "prediction": prediction,
+                    "predicted_slot": top,
+                    "novelty": novelty,
+                }
+            )
+        new_record = replace(
+            record,
+            state=state,
+            steps=record.steps + len(inputs),
+            version=record.version + 1,
+            labels=labels,
+            pending_slot=pending,
+            labeled_steps=labeled,
+            correct_steps=correct,
+            last_request=digest,
+            last_request_start=record.steps,
+            last_response=results,
+        ).touched()
+        return new_record, results
+
+    def describe(self, record: SessionRecord) -> dict:
+        served = self.registry.get(record.model)
+        num_ways = served.num_ways if served else len(record.labels)
+        return {
+            "session_id": record.session_id,
+            "model": record.model,
+            "num_ways": num_ways,
+            "steps": record.steps,
+            "labels": [*record.labels, *[None] * (num_ways - len(record.labels))],
+            "expires_at": iso_time(record.expires_at),
+            "accuracy": record.correct_steps / record.labeled_steps if record.labeled_steps else None,
+        }
+
+
+def iso_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"

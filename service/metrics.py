@@ -1,0 +1,48 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_latency = Histogram(
+            "ntm_request_duration_seconds",
+            "HTTP request latency by route",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "ntm_batch_size", "Session steps per model call", ["model"], buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "ntm_batch_queue_wait_seconds",
+            "Longest wait of a step in a batch before the model ran",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "ntm_batch_compute_seconds",
+            "Model time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.active_sessions = Gauge("ntm_active_sessions", "Live sessions in the store", registry=self.registry)
+        self.steps = Counter("ntm_steps", "Session steps applied", ["model"], registry=self.registry)
+        self.errors = Counter("ntm_errors", "Error responses by code", ["code"], registry=self.registry)
+
+    def batch_observer(self, model: str):
+        def observe(size: int, wait: float, compute: float) -> None:
+            self.batch_size.labels(model).observe(size)
+            self.queue_wait.labels(model).observe(wait)
+            self.compute.labels(model).observe(compute)
+
+        return observe

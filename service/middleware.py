@@ -1,0 +1,83 @@
+"""One pure-ASGI middleware for every request: request ID, body-size limit, metrics, access log.
+
+Pure ASGI (not BaseHTTPMiddleware) because it sits on the hot path of every step.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
+from service.logs import log, request_id
+from service.metrics import Metrics
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: bool = True) -> None:
+        self.app, self.metrics, self.max_body_bytes, self.access_log = app, metrics, max_body_bytes, access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or secrets.token_hex(8)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                raise BodyTooLarge
+            await self.app(scope, self._limited(receive), send_with_id)
+        except BodyTooLarge:
+            if not status["sent"]:
+                response = error_response(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes")
+                await response(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_latency.labels(scope["method"], path, str(status["code"])).observe(elapsed)
+            if self.access_log:
+                log.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status["code"],
+                            "duration_ms": round(1000 * elapsed, 3),
+                        }
+                    },
+                )
+            request_id.reset(token)
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLarge
+            return message
+
+        return limited_receive

@@ -1,0 +1,87 @@
+"""The models a replica serves: each loaded checkpoint with its fingerprint and micro-batcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import NTM, NTMState, load_checkpoint
+from models.checkpoint import resolve_device
+from service.batching import MicroBatcher
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    model: NTM
+    fingerprint: str
+    batcher: MicroBatcher
+    initial_state: NTMState
+    default: bool
+
+    @property
+    def num_ways(self) -> int:
+        return self.model.config.num_ways
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "num_ways": cfg.num_ways,
+            "image_size": cfg.image_size,
+            "encoder": cfg.encoder,
+            "memory": [cfg.memory_slots, cfg.memory_width] if cfg.use_memory else None,
+            "hidden_size": cfg.hidden_size,
+            "fingerprint": self.fingerprint,
+            "default": self.default,
+        }
+
+
+class ModelRegistry:
+    """Loads every checkpoint directory once at start-up; the first is the default."""
+
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self.models = models
+        self.default = next(iter(models.values()))
+
+    @classmethod
+    def load(
+        cls,
+        paths: list[Path],
+        device: str,
+        max_batch: int,
+        max_wait: float,
+        observe: Callable[[int, float, float], None] | None = None,
+    ) -> ModelRegistry:
+        if not paths:
+            raise ValueError("no model to serve: give at least one checkpoint directory")
+        target = resolve_device(device)
+        models: dict[str, ServedModel] = {}
+        for index, path in enumerate(paths):
+            model = load_checkpoint(path, target)
+            name = _model_name(Path(path), set(models))
+            with torch.inference_mode():
+                initial = model.initial_state(1).to("cpu")
+            batcher = MicroBatcher(model, max_batch, max_wait, observe, name)
+            models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
+        return cls(models)
+
+    def get(self, name: str | None) -> ServedModel | None:
+        return self.default if name is None else self.models.get(name)
+
+    def close(self) -> None:
+        for served in self.models.values():
+            served.batcher.close()
+
+
+def _model_name(path: Path, taken: set[str]) -> str:
+    """The checkpoint directory's name ('pretrained' is served as 'default'), made unique."""
+    base = "default" if path.resolve().name == "pretrained" else path.resolve().name
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name

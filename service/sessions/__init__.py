@@ -1,0 +1,1 @@
+"""Session records, label slots and the stores that keep them."""

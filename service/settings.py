@@ -1,0 +1,52 @@
+"""The one settings object: every option of ``ntm-serve``, each also an NTM_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"
+
+
+class Settings(BaseSettings):
+    """Service configuration. Environment: NTM_<NAME>, e.g. NTM_STORE=redis://localhost:6379/0."""
+
+    model_config = SettingsConfigDict(env_prefix="NTM_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [PRETRAINED_DIR],
+        description="checkpoint directories (config.json + model.safetensors); the first is the default",
+    )
+    store: str = Field("memory://", description="memory:// or redis://host:port/db (rediss:// for TLS)")
+    redis_prefix: str = Field("ntm:", description="key prefix for the Redis store")
+    redis_timeout_seconds: float = Field(1.0, gt=0, description="bound on each Redis operation")
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
+    max_session_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    max_sessions: int = Field(100_000, ge=1, description="live sessions a replica holds; more -> 503")
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+
+    max_batch: int = Field(256, ge=1, description="largest micro-batch of session steps")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill under load")
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_side: int = Field(512, ge=1)
+    max_steps_per_request: int = Field(256, ge=1)
+
+    log_level: str = "info"
+    access_log: bool = True
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
