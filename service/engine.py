@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,8 @@ from service.sessions import labels as slots
 from service.sessions.store import SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
 from service.settings import Settings
 
-COMMIT_ATTEMPTS = 5
+COMMIT_ATTEMPTS = 64  # compare-and-set retries when other replicas keep winning the race
+CONFLICT_BACKOFF_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ class SessionEngine:
                     if await self._store_call(self.store.commit(new_record, record.version)):
                         self.metrics.steps.labels(record.model).inc(len(inputs))
                         return results
+                    await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_SECONDS))
                 raise unavailable("the session changed under this request too many times; retry")
         finally:
             self.inflight -= 1

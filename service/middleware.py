@@ -31,10 +31,14 @@ class RequestMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or secrets.token_hex(8)
         token = request_id.set(rid)
         started = time.perf_counter()
-        status = {"code": 500, "sent": False}
+        status = {"code": 500, "sent": False, "over_limit": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if status["over_limit"]:
+                    # The app answered a body it could not read in full (FastAPI turns the
+                    # receive error into a 400): that answer is the 413 below instead.
+                    raise BodyTooLarge
                 status["code"], status["sent"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
@@ -44,8 +48,9 @@ class RequestMiddleware:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 raise BodyTooLarge
-            await self.app(scope, self._limited(receive), send_with_id)
+            await self.app(scope, self._limited(receive, status), send_with_id)
         except BodyTooLarge:
+            status["over_limit"] = False
             if not status["sent"]:
                 response = error_response(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes")
                 await response(scope, receive, send_with_id)
@@ -68,7 +73,7 @@ class RequestMiddleware:
                 )
             request_id.reset(token)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, status: dict) -> Receive:
         seen = 0
 
         async def limited_receive() -> Message:
@@ -77,6 +82,7 @@ class RequestMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
+                    status["over_limit"] = True
                     raise BodyTooLarge
             return message
 

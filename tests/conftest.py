@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import zipfile
 from pathlib import Path
 
@@ -54,3 +55,54 @@ def omniglot_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def omniglot_zip(omniglot_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zip_folder(omniglot_folder, tmp_path_factory.mktemp("zip") / "images_background.zip")
+
+
+# ----------------------------------------------------------------------------------- service tests
+# A small real model with random weights, and a real uvicorn server serving it (tests/api, tests/integration).
+
+TINY_CONFIG = {"memory_slots": 16, "memory_width": 8, "hidden_size": 32, "conv_channels": (4, 8), "feature_size": 16}
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory named ``tiny`` (so the service serves it as model "tiny"), fixed weights."""
+    from models import NTM, NTMConfig, save_checkpoint
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = NTM(NTMConfig(**TINY_CONFIG))
+    return save_checkpoint(model, tmp_path_factory.mktemp("checkpoints") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``python -m uvicorn service.app:app_from_env --factory`` on a free port, ready; SIGTERM at the end."""
+    from tests.api.support import start_uvicorn
+
+    server = start_uvicorn(tiny_checkpoint, tmp_path_factory.mktemp("server") / "uvicorn.log")
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    log = server.log()
+    assert code in (0, -signal.SIGTERM), f"the server exited with {code} on SIGTERM:\n{log}"
+    assert '"message": "stopped"' in log, f"no graceful shutdown:\n{log}"
+
+
+def write_small_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A real (randomly initialised) small NTM checkpoint: fast to load and to step."""
+    from models import NTM, NTMConfig, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = NTMConfig(memory_slots=16, memory_width=8, hidden_size=32, conv_channels=(4, 8), feature_size=16)
+    return save_checkpoint(NTM(config), directory)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")

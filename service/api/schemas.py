@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    model_validator,
+)
 
 Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: a string or an integer")]
 
@@ -17,7 +27,7 @@ class ImageIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"pixels": EXAMPLE_PIXELS}]})
 
     png: str | None = Field(None, description="base64 of a PNG or JPEG file")
-    pixels: list[list[float]] | None = Field(None, description="rows of 0-255 gray levels (255 = white paper)")
+    pixels: list[list[StrictFloat]] | None = Field(None, description="rows of 0-255 gray levels (255 = white paper)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageIn:
