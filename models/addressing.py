@@ -19,8 +19,8 @@ def cosine_similarity(memory: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     memory [B, N, W], key [B, H, W] -> [B, H, N]. The norms' product is clamped below so
     an all-zero key or row gives similarity 0 instead of NaN.
     """
-    dot = torch.einsum("bhw,bnw->bhn", key, memory)
-    norms = key.norm(dim=-1).unsqueeze(-1) * memory.norm(dim=-1).unsqueeze(1)
+    dot = torch.bmm(key, memory.transpose(1, 2))
+    norms = key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1).unsqueeze(1)
     return dot / norms.clamp_min(COSINE_EPS)
 
 
@@ -33,8 +33,11 @@ def content_weighting(memory: torch.Tensor, key: torch.Tensor, beta: torch.Tenso
 
 
 def interpolate(w_content: torch.Tensor, w_prev: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """w_g = g * w_c + (1 - g) * w_{t-1} (eq. 7). gate [B, H, 1] in (0, 1)."""
-    return gate * w_content + (1 - gate) * w_prev
+    """w_g = g * w_c + (1 - g) * w_{t-1} (eq. 7). gate [B, H, 1] in (0, 1).
+
+    Computed as one ``lerp``: w_{t-1} + g * (w_c - w_{t-1}).
+    """
+    return torch.lerp(w_prev, w_content, gate)
 
 
 def circular_shift(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -42,13 +45,14 @@ def circular_shift(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     w [B, H, N], shift [B, H, 2R+1] holding the weights of the offsets -R..+R in order, so
     shift[..., R + k] moves weight from slot i to slot i + k. Vectorised over the batch and
-    heads: one ``torch.roll`` per offset, no loop over batch elements.
+    heads: one ``torch.roll`` and one fused multiply-add per offset, no loop over batch elements.
     """
     reach = (shift.shape[-1] - 1) // 2
-    out = shift[..., reach : reach + 1] * w
+    weight = shift.split(1, dim=-1)
+    out = weight[reach] * w
     for offset in range(1, reach + 1):
-        out = out + shift[..., reach + offset : reach + offset + 1] * torch.roll(w, offset, -1)
-        out = out + shift[..., reach - offset : reach - offset + 1] * torch.roll(w, -offset, -1)
+        out = torch.addcmul(out, weight[reach + offset], torch.roll(w, offset, -1))
+        out = torch.addcmul(out, weight[reach - offset], torch.roll(w, -offset, -1))
     return out
 
 
@@ -85,6 +89,7 @@ def write(memory: torch.Tensor, w: torch.Tensor, erase: torch.Tensor, add: torch
     """M <- M * (1 - w e^T) + w a^T (eqs. 3 and 4), returning a new tensor.
 
     memory [B, N, W], w [B, N], erase [B, W] in (0, 1), add [B, W].
+    Computed as M + w a^T - M * (w e^T): one ``baddbmm``, then ``addcmul_`` into its fresh output.
     """
     w_col = w.unsqueeze(-1)
-    return memory * (1 - w_col * erase.unsqueeze(1)) + w_col * add.unsqueeze(1)
+    return torch.baddbmm(memory, w_col, add.unsqueeze(1)).addcmul_(memory, w_col * erase.unsqueeze(1), value=-1)

@@ -156,31 +156,37 @@ class NTM(nn.Module):
         return pre.reshape(*lead, -1)
 
     def _recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
-        """Controller, heads, read, write and output for one step; pre [B, 4*hidden]."""
+        """Controller, heads, read, write and output for one step; pre [B, 4*hidden].
+
+        Written for few autograd nodes per step (each costs more than its arithmetic at these
+        sizes): one ``addmm`` for the recurrent projection, ``split`` instead of slicing.
+        """
         cfg = self.config
-        if cfg.use_memory:
-            gates = pre + self.recurrent_proj(torch.cat([state.h, state.read], dim=-1))
-        else:
-            gates = pre + self.recurrent_proj(state.h)
+        recurrent_in = torch.cat([state.h, state.read], dim=-1) if cfg.use_memory else state.h
+        gates = torch.addmm(pre, recurrent_in, self.recurrent_proj.weight.t())
         in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(forget_gate) * state.c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+        c = torch.addcmul(torch.sigmoid(forget_gate) * state.c, torch.sigmoid(in_gate), torch.tanh(cell_gate))
         h = torch.sigmoid(out_gate) * torch.tanh(c)
         if not cfg.use_memory:
             return self.output(h), NTMState(state.memory, state.read, state.weights, h, c)
 
-        width, batch = cfg.memory_width, h.shape[0]
-        params = self.head_proj(h)
-        heads = params[:, : NUM_HEADS * self._head_size].view(batch, NUM_HEADS, self._head_size)
-        key = heads[..., :width]
-        beta = F.softplus(heads[..., width : width + 1])
-        gate = torch.sigmoid(heads[..., width + 1 : width + 2])
-        gamma = 1 + F.softplus(heads[..., width + 2 : width + 3])
-        shift = torch.softmax(heads[..., width + 3 :], dim=-1)
-        weights = addressing.address(state.memory, state.weights, key, beta, gate, shift, gamma)
-        erase_add = params[:, NUM_HEADS * self._head_size :]
-        erase, add = torch.sigmoid(erase_add[:, :width]), erase_add[:, width:]
-        read = addressing.read(state.memory, weights[:, 0])
-        memory = addressing.write(state.memory, weights[:, 1], erase, add)
+        width = cfg.memory_width
+        heads, erase, add = self.head_proj(h).split([NUM_HEADS * self._head_size, width, width], dim=-1)
+        key, beta, gate, gamma, shift = heads.view(h.shape[0], NUM_HEADS, self._head_size).split(
+            [width, 1, 1, 1, cfg.num_shifts], dim=-1
+        )
+        weights = addressing.address(
+            state.memory,
+            state.weights,
+            key,
+            F.softplus(beta),
+            torch.sigmoid(gate),
+            torch.softmax(shift, dim=-1),
+            1 + F.softplus(gamma),
+        )
+        read_weight, write_weight = weights.unbind(1)
+        read = addressing.read(state.memory, read_weight)
+        memory = addressing.write(state.memory, write_weight, torch.sigmoid(erase), add)
         logits = self.output(torch.cat([h, read], dim=-1))
         return logits, NTMState(memory, read, weights, h, c)
 
@@ -199,13 +205,12 @@ class NTM(nn.Module):
         Gives what T successive ``step`` calls give; the encoder and the controller's input
         projection run once over all T*B images.
         """
-        steps, batch = images.shape[:2]
         if state is None:
-            state = self.initial_state(batch)
+            state = self.initial_state(images.shape[1])
         pre = self.precompute_inputs(images, label_inputs)
         logits = []
-        for t in range(steps):
-            out, state = self._recurrent_step(pre[t], state)
+        for pre_t in pre.unbind(0):  # one UnbindBackward, not T full-size SelectBackward zeros
+            out, state = self._recurrent_step(pre_t, state)
             logits.append(out)
         return torch.stack(logits), state
 

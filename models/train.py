@@ -58,6 +58,7 @@ class TrainOptions:
     device: str = "auto"
     resume: bool = False
     stop_at: int | None = None
+    stop_after_minutes: float | None = None
     log_every: int = 20
     progress: bool = True
 
@@ -173,7 +174,10 @@ class Trainer:
         start, start_episodes = time.monotonic(), self.episodes
         elapsed_at_start = self.elapsed
         while self.progress() < 1.0:
-            if opts.stop_at is not None and self.iteration >= opts.stop_at:
+            out_of_time = (
+                opts.stop_after_minutes is not None and time.monotonic() - start > 60 * opts.stop_after_minutes
+            )
+            if out_of_time or (opts.stop_at is not None and self.iteration >= opts.stop_at):
                 bar.close()
                 self.save()
                 return {"stopped_at": self.iteration}
@@ -312,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     parser.add_argument(
         "--stop-at", type=int, default=None, help="checkpoint and stop at this iteration, as if interrupted"
     )
+    parser.add_argument(
+        "--stop-after-minutes", type=float, default=None, help="checkpoint and stop after this long, as if interrupted"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -349,6 +356,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         device=args.device,
         resume=args.resume,
         stop_at=args.stop_at,
+        stop_after_minutes=args.stop_after_minutes,
         progress=not args.no_progress,
     )
 

@@ -1,0 +1,85 @@
+"""Shared helpers of the benchmarks: interleaved timing, medians, Markdown tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Runner = Callable[[int], None]  # runs its workload n times
+
+
+def calibrate(run: Runner, min_time: float) -> int:
+    """How many calls of ``run`` take about ``min_time`` seconds (at least 1); warms ``run`` up too."""
+    run(1)
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        run(calls)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time / 10 or calls >= 1 << 16:
+            return max(1, math.ceil(min_time * calls / max(elapsed, 1e-9)))
+        calls *= 4
+
+
+def interleaved_rates(
+    runners: dict[str, Runner],
+    units_per_call: dict[str, float],
+    repeats: int,
+    min_time: float,
+    calls_per_measurement: int | None = None,
+) -> dict[str, list[float]]:
+    """Units per second of each runner, measured ``repeats`` times in rotating order.
+
+    Each measurement makes ``calls_per_measurement`` calls (after one warm-up call), or as many
+    as take about ``min_time`` seconds. Interleaving the contenders (and rotating who goes
+    first) spreads a noisy machine's slow spells over all of them instead of over whichever
+    happened to run then.
+    """
+    if calls_per_measurement is None:
+        calls = {name: calibrate(run, min_time) for name, run in runners.items()}
+    else:
+        for run in runners.values():
+            run(1)
+        calls = dict.fromkeys(runners, calls_per_measurement)
+    names = list(runners)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            start = time.perf_counter()
+            runners[name](calls[name])
+            rates[name].append(calls[name] * units_per_call[name] / (time.perf_counter() - start))
+    return rates
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    """A number with thousands separators: 12,345 or 1.5 (``digits`` decimals)."""
+    return f"{value:,.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_load() -> float:
+    """The one-minute load average (other processes make timings noisy), or -1 where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2) + "\n")

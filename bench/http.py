@@ -1,0 +1,202 @@
+"""``python -m bench.http``: the service over real HTTP, one uvicorn worker, per session store.
+
+For each store (``--store``, repeatable; memory:// by default) it starts a real server pinned
+to one core and drives it from a load generator pinned to the other core:
+
+- single-client step latency (one connection, one session, sequential steps): p50 / p99;
+- steps/s with 64 concurrent sessions, next to GET /healthz requests/s at the same
+  concurrency in the same run (the HTTP stack's ceiling on this machine);
+- steps/s through the batch form ({"steps": [...]}, 10 steps a request, 64 sessions).
+
+With a redis:// store it also reports the bytes one session takes in Redis (MEMORY USAGE)
+and Redis' memory for ``--idle-sessions`` idle sessions written through the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import markdown_table, write_json
+from bench.loadgen import generate_load, http_request
+from tests.servers import ServerProcess
+
+TARGETS = {"single_client_p50_ms": 2.0, "sessions_vs_healthz": 0.40, "batch_steps_per_s": 10_000}
+
+
+def step_payload(seed: int, label: int | None) -> dict:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(28, 28)).tolist()
+    body: dict = {"image": {"pixels": pixels}}
+    if label is not None:
+        body["label"] = label
+    return body
+
+
+def open_sessions(url: str, count: int) -> list[str]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
+
+
+def measure_store(store: str, model: str | None, seconds: float, concurrency: int, cpus: tuple[int, int]) -> dict:
+    env = {
+        "NTM_STORE": store,
+        "NTM_ACCESS_LOG": "false",
+        "NTM_LOG_LEVEL": "warning",
+        "NTM_THREADS": "1",
+        "NTM_MAX_SESSIONS": "1000000",
+    }
+    if model:
+        env["NTM_MODELS"] = model
+    env["NTM_REDIS_PREFIX"] = f"ntmbench:{os.getpid()}:"
+    server = ServerProcess(env)
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(server.process.pid, {cpus[0]})
+        bodies = [json.dumps(step_payload(i, i % 5)).encode() for i in range(16)]
+        host, port = "127.0.0.1", server.port
+
+        single = open_sessions(server.url, 1)[0]
+        single_req = [http_request("POST", f"/v1/sessions/{single}/steps", b) for b in bodies]
+        generate_load(host, port, 1, lambda c, n: single_req[n % 16], 1.0, cpus[1])  # warm-up
+        latency = generate_load(host, port, 1, lambda c, n: single_req[n % 16], seconds, cpus[1])
+
+        healthz_req = http_request("GET", "/healthz")
+        healthz = generate_load(host, port, concurrency, lambda c, n: healthz_req, seconds, cpus[1])
+
+        sessions = open_sessions(server.url, concurrency)
+        step_reqs = [[http_request("POST", f"/v1/sessions/{sid}/steps", b) for b in bodies] for sid in sessions]
+        steps = generate_load(host, port, concurrency, lambda c, n: step_reqs[c][n % 16], seconds, cpus[1])
+
+        batch_body = json.dumps({"steps": [json.loads(b) for b in bodies[:10]]}).encode()
+        batch_reqs = [http_request("POST", f"/v1/sessions/{sid}/steps", batch_body) for sid in sessions]
+        batch = generate_load(host, port, concurrency, lambda c, n: batch_reqs[c], seconds, cpus[1])
+        errors = latency.errors + healthz.errors + steps.errors + batch.errors
+    finally:
+        server.stop()
+    return {
+        "store": store,
+        "single_client_p50_ms": 1000 * latency.percentile(0.50),
+        "single_client_p99_ms": 1000 * latency.percentile(0.99),
+        "single_client_steps_per_s": latency.rate,
+        "healthz_per_s": healthz.rate,
+        "sessions_steps_per_s": steps.rate,
+        "sessions_p99_ms": 1000 * steps.percentile(0.99),
+        "sessions_vs_healthz": steps.rate / healthz.rate,
+        "batch_steps_per_s": 10 * batch.rate,
+        "errors": errors,
+    }
+
+
+def redis_memory(url: str, sessions: int) -> dict:
+    """Bytes per session (MEMORY USAGE) and Redis' used_memory growth for ``sessions`` idle sessions."""
+    import redis as redis_sync
+
+    from models import NTM, NTMConfig
+    from service.sessions.redis import RedisStore
+    from service.sessions.store import SessionRecord
+
+    prefix = f"ntmbench-mem:{os.getpid()}:"
+    client = redis_sync.Redis.from_url(url)
+    state = NTM(NTMConfig()).initial_state(1).detach()
+
+    async def fill() -> None:
+        store = RedisStore(url, prefix, timeout=30)
+        for start in range(0, sessions, 50):
+            records = [
+                SessionRecord(f"idle{i:07d}", "default", "0123456789abcdef", state, 3600, time.time() + 3600)
+                for i in range(start, min(start + 50, sessions))
+            ]
+            await asyncio.gather(*[store.create(r) for r in records])
+        await store.close()
+
+    before = client.info("memory")["used_memory"]
+    asyncio.run(fill())
+    after = client.info("memory")["used_memory"]
+    per_key = client.memory_usage(f"{prefix}s:idle0000000")
+    keys = list(client.scan_iter(match=f"{prefix}*", count=10_000))
+    for i in range(0, len(keys), 10_000):
+        client.delete(*keys[i : i + 10_000])
+    client.close()
+    return {
+        "sessions": sessions,
+        "bytes_per_session": per_key,
+        "used_memory_bytes": after - before,
+        "per_100k_sessions_bytes": (after - before) * 100_000 / sessions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--store", action="append", default=None, help="memory:// (default) and/or redis://host:port/db"
+    )
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--idle-sessions", type=int, default=10_000, help="idle sessions written to measure Redis memory"
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    stores = args.store or ["memory://"]
+    cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
+    results = [measure_store(store, args.model, args.seconds, args.concurrency, cpus) for store in stores]
+    rows = [
+        [
+            r["store"],
+            f"{r['single_client_p50_ms']:.2f} / {r['single_client_p99_ms']:.2f}",
+            f"{r['healthz_per_s']:,.0f}",
+            f"{r['sessions_steps_per_s']:,.0f}",
+            f"{100 * r['sessions_vs_healthz']:.0f}%",
+            f"{r['batch_steps_per_s']:,.0f}",
+            str(r["errors"]),
+        ]
+        for r in results
+    ]
+    rows.append(
+        [
+            "target",
+            f"p50 <= {TARGETS['single_client_p50_ms']}",
+            "",
+            "",
+            f">= {100 * TARGETS['sessions_vs_healthz']:.0f}%",
+            f">= {TARGETS['batch_steps_per_s']:,}",
+            "0",
+        ]
+    )
+    print(
+        markdown_table(
+            [
+                "store",
+                "1 client p50 / p99 ms",
+                f"/healthz req/s ({args.concurrency} conns)",
+                f"steps/s ({args.concurrency} sessions)",
+                "steps vs /healthz",
+                "batch-form steps/s",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    report: dict = {"targets": TARGETS, "concurrency": args.concurrency, "seconds": args.seconds, "results": results}
+    redis_urls = [s for s in stores if s.startswith(("redis://", "rediss://"))]
+    if redis_urls and args.idle_sessions > 0:
+        memory = redis_memory(redis_urls[0], args.idle_sessions)
+        report["redis_memory"] = memory
+        print(
+            f"\nRedis: {memory['bytes_per_session']:,} bytes per session (MEMORY USAGE); {memory['used_memory_bytes'] / 2**20:,.1f} MiB for {memory['sessions']:,} idle sessions -> {memory['per_100k_sessions_bytes'] / 2**30:,.2f} GiB per 100,000"
+        )
+    write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A small HTTP/1.1 keep-alive load generator on raw asyncio streams, run in its own process.
+
+It sends pre-encoded requests over N connections for a fixed time and records each
+response's latency. Pinned to a core the server does not use, it measures the server rather
+than itself (a full client library would cost more CPU per request than the server does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+RequestFactory = Callable[[int, int], bytes]  # (connection index, request index) -> request bytes
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def http_request(method: str, path: str, body: bytes = b"", host: str = "127.0.0.1") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def _connection(
+    host: str, port: int, index: int, factory: RequestFactory, stop: float, out: list, counts: list
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    n = 0
+    try:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            writer.write(factory(index, n))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            out.append(time.perf_counter() - started)
+            if head[9:12] != b"200":
+                counts[0] += 1
+            n += 1
+    finally:
+        writer.close()
+
+
+async def _run(host: str, port: int, connections: int, factory: RequestFactory, seconds: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = [0]
+    started = time.perf_counter()
+    stop = started + seconds
+    await asyncio.gather(*[_connection(host, port, i, factory, stop, latencies, errors) for i in range(connections)])
+    return LoadResult(len(latencies), errors[0], time.perf_counter() - started, latencies)
+
+
+def _child(queue: multiprocessing.Queue, cpu: int | None, args: tuple) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    queue.put(asyncio.run(_run(*args)))
+
+
+def generate_load(
+    host: str, port: int, connections: int, factory: RequestFactory, seconds: float, cpu: int | None = None
+) -> LoadResult:
+    """Run the load in a separate process (pinned to ``cpu`` when given) and return its result."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, cpu, (host, port, connections, factory, seconds)))
+    process.start()
+    result = queue.get(timeout=seconds + 120)
+    process.join()
+    return result

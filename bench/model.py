@@ -1,0 +1,220 @@
+"""Inference benchmark: session-steps per second of ``NTM.step`` next to the seed's NTM.
+
+``python -m bench.model [--batches 1 16 ...] [--repeats 5] [--threads 2] [--json FILE]``
+
+Times the step the service uses, ``model.step(state, images [B, 28, 28], label_inputs [B, K])``
+under ``torch.inference_mode``, for the conv and flatten encoders and for the seed reference
+(``bench.seed_reference``), interleaved within each batch size, median of the repeats. A
+``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
+FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.seed_reference import SeedNTM
+from models import NTM, NTMConfig
+from models.ntm import NUM_HEADS
+
+BATCHES = (1, 16, 64, 256, 1024)
+MATMUL = (256, 1024, 1024)  # [M, K] @ [K, N]
+TARGET_US_BATCH_1 = 250.0
+TARGET_RATE_BATCH_256 = 40_000.0
+MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "seed": "seed"}
+
+
+def flops_per_session_step(config: NTMConfig) -> dict[str, int]:
+    """FLOPs of one step of one session (a multiply-add is 2, an activation or exp/log is 1).
+
+    Parts: encoder, input / recurrent / head projections, LSTM cell, addressing (cosine
+    against every slot, softmax, interpolation, shift, sharpening, for both heads), read and
+    write, output layer.
+    """
+    hidden, ways, slots, width = config.hidden_size, config.num_ways, config.memory_slots, config.memory_width
+    if config.encoder == "conv":
+        encoder, channels, side = 0, 1, config.image_size
+        for out in config.conv_channels:
+            side = (side + 1) // 2
+            encoder += 2 * channels * 9 * out * side * side + 2 * out * side * side  # conv, bias, ReLU
+            channels = out
+        encoder += 2 * channels * side * side * config.feature_size + 9 * config.feature_size  # linear, LayerNorm
+        features = config.feature_size
+    else:
+        encoder, features = 0, config.image_size**2
+    parts = {
+        "encoder": encoder,
+        "input_projection": 2 * (features + ways) * 4 * hidden + 4 * hidden,
+        "recurrent_projection": 2 * (hidden + config.read_width) * 4 * hidden + 4 * hidden,
+        "lstm_cell": 9 * hidden,  # 3 sigmoids, 2 tanh, 3 products, 1 sum
+        "head_projection": 0,
+        "addressing": 0,
+        "read_write": 0,
+        "output": 2 * (hidden + config.read_width) * ways + ways,
+    }
+    if config.use_memory:
+        head_outputs = NUM_HEADS * (width + 3 + config.num_shifts) + 2 * width
+        parts["head_projection"] = 2 * hidden * head_outputs + head_outputs + NUM_HEADS * (4 + config.num_shifts)
+        per_slot = 3 + 4 + 3 + 2 * config.num_shifts - 1 + 6  # cosine tail, softmax, lerp, shift, sharpen
+        parts["addressing"] = 2 * slots * width + NUM_HEADS * (2 * slots * width + 2 * width + per_slot * slots)
+        parts["read_write"] = 2 * slots * width + 5 * slots * width + width
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def ntm_runner(model: NTM, batch: int) -> Runner:
+    """n steps of ``batch`` sessions, the state carried from step to step."""
+    gen = torch.Generator().manual_seed(batch)
+    size, ways = model.config.image_size, model.config.num_ways
+    images = torch.rand(batch, size, size, generator=gen)
+    labels = model.label_input(torch.randint(-1, ways, (batch,), generator=gen))
+    state = model.initial_state(batch)
+
+    def run(steps: int) -> None:
+        nonlocal state
+        for _ in range(steps):
+            _, state = model.step(state, images, labels)
+
+    return run
+
+
+def seed_runner(model: SeedNTM, batch: int) -> Runner:
+    """n seed steps of ``batch`` sessions; the seed's memory lives in the model, so one batch at a time."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.cat([torch.rand(batch, 28 * 28, generator=gen), torch.zeros(batch, model.num_ways)], dim=1)
+    state = model.initial_state(batch)
+
+    def run(steps: int) -> None:
+        nonlocal state
+        for _ in range(steps):
+            _, state = model.step(x, state)
+
+    return run
+
+
+def matmul_runner() -> Runner:
+    m, k, n = MATMUL
+    a, b = torch.randn(m, k), torch.randn(k, n)
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return run
+
+
+def measure(batches: list[int], repeats: int, min_time: float) -> dict:
+    """Session-steps/s per model and batch (medians), and the matmul rate over all rounds."""
+    torch.manual_seed(0)
+    models = {"ntm_conv": NTM(NTMConfig()).eval(), "ntm_flatten": NTM(NTMConfig(encoder="flatten")).eval()}
+    seed = SeedNTM().eval()
+    m, k, n = MATMUL
+    rates: dict[str, dict[str, float]] = {name: {} for name in MODELS}
+    matmul: list[float] = []
+    with torch.inference_mode():
+        for batch in batches:
+            runners = {name: ntm_runner(model, batch) for name, model in models.items()}
+            runners["seed"] = seed_runner(seed, batch)
+            runners["matmul"] = matmul_runner()
+            units = {name: float(batch) for name in MODELS} | {"matmul": 2.0 * m * k * n}
+            measured = interleaved_rates(runners, units, repeats, min_time)
+            for name in MODELS:
+                rates[name][str(batch)] = median(measured[name])
+            matmul += measured["matmul"]
+    return {"steps_per_s": rates, "matmul_gflops": median(matmul) / 1e9}
+
+
+def report(results: dict) -> str:
+    """The Markdown tables and the target and bound lines."""
+    rates, bound = results["steps_per_s"], results["bound_steps_per_s"]
+    header = ["batch", *MODELS.values(), "conv / seed", "conv % of bound", "flatten % of bound"]
+    rows = []
+    for batch in rates["seed"]:
+        conv, flatten, seed = (rates[name][batch] for name in MODELS)
+        rows.append(
+            [
+                batch,
+                fmt(conv),
+                fmt(flatten),
+                fmt(seed),
+                f"{conv / seed:.1f}x",
+                f"{100 * conv / bound['ntm_conv']:.1f}%",
+                f"{100 * flatten / bound['ntm_flatten']:.1f}%",
+            ]
+        )
+    lines = [
+        f"## Inference: session-steps/s of one step ({results['threads']} threads, "
+        f"median of {results['repeats']}, load average {results['load_average']:.2f})",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    us = results["us_per_step_batch_1"]
+    if us:
+        row = ["us/step at batch 1", *(fmt(us[name]) for name in MODELS)]
+        lines += [markdown_table(["", *MODELS.values()], [row]), ""]
+    flops = results["flops_per_step"]
+    lines.append(
+        f"Bound: torch.mm {'x'.join(map(str, MATMUL[:2]))} @ {'x'.join(map(str, MATMUL[1:]))} runs at "
+        f"{results['matmul_gflops']:.1f} GFLOP/s; a session-step costs "
+        f"{flops['ntm_conv']['total'] / 1e6:.2f} MFLOP (conv) / {flops['ntm_flatten']['total'] / 1e6:.2f} MFLOP "
+        f"(flatten), so at best {fmt(bound['ntm_conv'])} / {fmt(bound['ntm_flatten'])} session-steps/s."
+    )
+    for target in results["targets"].values():
+        verdict = "met" if target["met"] else "missed"
+        lines.append(f"Target {target['what']}: {fmt(target['value'])} ({verdict}).")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per model and batch")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load = machine_load()
+    results = {"threads": args.threads, "repeats": args.repeats, "load_average": load}
+    results |= measure(args.batches, args.repeats, args.min_time)
+    flops = {
+        "ntm_conv": flops_per_session_step(NTMConfig()),
+        "ntm_flatten": flops_per_session_step(NTMConfig(encoder="flatten")),
+    }
+    results["flops_per_step"] = flops
+    results["bound_steps_per_s"] = {name: results["matmul_gflops"] * 1e9 / f["total"] for name, f in flops.items()}
+    rates = results["steps_per_s"]
+    results["us_per_step_batch_1"] = {name: 1e6 / rates[name]["1"] for name in MODELS} if "1" in rates["seed"] else {}
+    targets = {}
+    if "1" in rates["seed"]:
+        us = results["us_per_step_batch_1"]["ntm_conv"]
+        targets["us_batch_1"] = {
+            "what": "<= 250 us/step at batch 1 (NTM conv)",
+            "value": us,
+            "met": us <= TARGET_US_BATCH_1,
+        }
+    if "256" in rates["seed"]:
+        rate = rates["ntm_conv"]["256"]
+        targets["rate_batch_256"] = {
+            "what": ">= 40,000 session-steps/s at batch 256 (NTM conv)",
+            "value": rate,
+            "met": rate >= TARGET_RATE_BATCH_256,
+        }
+    results["targets"] = targets
+    print(report(results))
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Training benchmark: 5-way, 50-step episodes per second, our NTM next to the seed-style loop.
+
+``python -m bench.training [--batches 16 64] [--repeats 3] [--threads 2] [--json FILE]``
+
+One iteration is what ``models.train`` does per batch: sample a batch of episodes
+(``EpisodeSampler`` on synthetic random [C, 20, 28, 28] drawings, so no Omniglot files are
+needed; the sampling cost is included), forward, cross-entropy on the logits, backward,
+gradient clipping and an Adam step (``models.train.train_step``). The seed style is the same
+loop around ``bench.seed_reference.SeedNTM``: per-step module calls and its per-batch-element
+shift loop. All contenders are interleaved in the same run; the figure is the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.seed_reference import SeedNTM
+from models import NTM, NTMConfig
+from models.data.episodes import EpisodeSampler
+from models.train import train_step
+
+BATCHES = (16, 64)
+TARGET_SPEEDUP = 10.0
+MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "seed": "seed style"}
+CHARACTERS, DRAWINGS = 30, 20
+
+
+def synthetic_drawings(seed: int = 0) -> torch.Tensor:
+    """[C, 20, 28, 28] uniform noise in the layout of preprocessed Omniglot."""
+    return torch.rand(CHARACTERS, DRAWINGS, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def make_model(name: str, ways: int) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "seed":
+        return SeedNTM(ways)
+    return NTM(NTMConfig(num_ways=ways, encoder="conv" if name == "ntm_conv" else "flatten"))
+
+
+def training_runner(model: nn.Module, data: torch.Tensor, batch: int, ways: int, shots: int) -> Runner:
+    """n training iterations (sample, forward, backward, clip, Adam) on batches of ``batch`` episodes."""
+    sampler = EpisodeSampler(data, ways, shots, unlabeled_prob=0.1, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def run(iterations: int) -> None:
+        for _ in range(iterations):
+            train_step(model, optimizer, sampler.sample(batch), clip_norm=10.0)  # type: ignore[arg-type]
+
+    return run
+
+
+def measure(
+    batches: list[int], repeats: int, min_time: float, iterations: int | None, ways: int, shots: int
+) -> dict[str, dict[str, float]]:
+    """Episodes/s per model and batch size: medians of interleaved measurements."""
+    data = synthetic_drawings()
+    rates: dict[str, dict[str, float]] = {name: {} for name in MODELS}
+    for batch in batches:
+        runners = {name: training_runner(make_model(name, ways), data, batch, ways, shots) for name in MODELS}
+        measured = interleaved_rates(runners, dict.fromkeys(MODELS, float(batch)), repeats, min_time, iterations)
+        for name in MODELS:
+            rates[name][str(batch)] = median(measured[name])
+    return rates
+
+
+def report(results: dict) -> str:
+    rates = results["episodes_per_s"]
+    rows = []
+    for batch in rates["seed"]:
+        seed = rates["seed"][batch]
+        cells = [fmt(rates[name][batch], 1) for name in MODELS]
+        rows.append([batch, *cells, *(f"{rates[name][batch] / seed:.1f}x" for name in ("ntm_conv", "ntm_flatten"))])
+    lines = [
+        f"## Training: {results['ways']}-way {results['ways'] * results['shots']}-step episodes/s "
+        f"({results['threads']} threads, median of {results['repeats']}, load average {results['load_average']:.2f})",
+        "",
+        markdown_table(["batch", *MODELS.values(), "conv / seed", "flatten / seed"], rows),
+        "",
+    ]
+    for batch, target in results["targets"].items():
+        verdict = "met" if target["met"] else "missed"
+        lines.append(
+            f"Target at batch {batch}: NTM conv >= {TARGET_SPEEDUP:.0f}x the seed style: "
+            f"{target['speedup']:.1f}x ({verdict})."
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="episodes per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved measurements per model and batch")
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--iterations", type=int, default=None, help="iterations per measurement (else --min-time)")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=10, help="episodes are ways * shots steps long")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "ways": args.ways,
+        "shots": args.shots,
+        "load_average": machine_load(),
+    }
+    rates = measure(args.batches, args.repeats, args.min_time, args.iterations, args.ways, args.shots)
+    results["episodes_per_s"] = rates
+    results["speedup_vs_seed"] = {
+        name: {batch: rates[name][batch] / rates["seed"][batch] for batch in rates["seed"]} for name in MODELS
+    }
+    results["targets"] = {
+        batch: {"speedup": speedup, "met": speedup >= TARGET_SPEEDUP}
+        for batch, speedup in results["speedup_vs_seed"]["ntm_conv"].items()
+    }
+    print(report(results))
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmarks: each main() runs with tiny settings and writes the JSON it promises."""
+
+import json
+
+import torch
+
+from bench import model as model_bench
+from bench import training as training_bench
+from bench.seed_reference import SeedNTM
+from models import NTMConfig
+
+
+def test_model_bench_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            model_bench.main(
+                ["--batches", "1", "--repeats", "1", "--min-time", "0.01", "--threads", "1", "--json", str(out)]
+            )
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert set(data) >= {
+        "steps_per_s",
+        "matmul_gflops",
+        "flops_per_step",
+        "bound_steps_per_s",
+        "us_per_step_batch_1",
+        "targets",
+    }
+    assert set(data["steps_per_s"]) == {"ntm_conv", "ntm_flatten", "seed"}
+    assert all(rates["1"] > 0 for rates in data["steps_per_s"].values())
+    assert "us_batch_1" in data["targets"]
+    assert "| batch |" in capsys.readouterr().out
+
+
+def test_training_bench_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "training.json"
+    threads = torch.get_num_threads()
+    argv = [
+        "--batches",
+        "2",
+        "--repeats",
+        "1",
+        "--iterations",
+        "1",
+        "--shots",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    try:
+        assert training_bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert set(data) >= {"episodes_per_s", "speedup_vs_seed", "targets"}
+    assert set(data["episodes_per_s"]) == {"ntm_conv", "ntm_flatten", "seed"}
+    assert all(rates["2"] > 0 for rates in data["episodes_per_s"].values())
+    assert "| batch |" in capsys.readouterr().out
+
+
+def test_flop_count_is_dominated_by_the_encoder_and_projections():
+    conv = model_bench.flops_per_session_step(NTMConfig())
+    flatten = model_bench.flops_per_session_step(NTMConfig(encoder="flatten"))
+    assert conv["total"] == sum(v for k, v in conv.items() if k != "total")
+    assert 1.1e6 < conv["encoder"] < 1.3e6  # the ConvEncoder docstring's "about 1.2 MFLOP"
+    assert flatten["encoder"] == 0 and flatten["input_projection"] == 2 * (784 + 5) * 800 + 800
+    assert model_bench.flops_per_session_step(NTMConfig(use_memory=False))["addressing"] == 0
+
+
+def test_seed_reference_steps_and_learns():
+    torch.manual_seed(0)
+    seed = SeedNTM()
+    images, labels = torch.rand(3, 2, 28, 28), torch.zeros(3, 2, 5)
+    logits = seed(images, labels)
+    assert logits.shape == (3, 2, 5) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert seed.write_head.fc_a.weight.grad is not None
