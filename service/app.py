@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api import v1
+from service.api import v1, v2
+from service.auth import APIKeyMiddleware, configured_keys
 from service.engine import SessionEngine
 from service.errors import error_response, install_error_handlers
 from service.logs import configure_logging, log
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        torch.set_flush_denormal(True)  # sharp addressing weights underflow; denormal math is ~4x slower
         registry = ModelRegistry.load(
             settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, None
         )
@@ -87,7 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
+    v2.install_error_handlers(app)
     app.include_router(v1.router)
+    app.include_router(v2.router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -114,6 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.active_sessions.set(await engine.store.count())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    keys = configured_keys(settings)
+    if keys:
+        app.add_middleware(APIKeyMiddleware, keys=keys, protect_metrics=settings.metrics_require_key)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, access_log=settings.access_log
     )

@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from models.checkpoint import CheckpointError, load_checkpoint, load_config
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[f"NTM_{key.upper()}"] = value
     settings = Settings()
     configure_logging(settings.log_level)
+    for path in settings.models:  # a bad checkpoint stops start-up here, with the file it names
+        try:
+            load_config(path)
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"ntm-serve: cannot serve {path}: {exc}", file=sys.stderr)
+            return 2
     uvicorn.run(
         "service.app:app_from_env",
         factory=True,

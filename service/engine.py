@@ -27,7 +27,7 @@ from service.errors import APIError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, ServedModel
 from service.sessions import labels as slots
-from service.sessions.store import SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
+from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
 from service.settings import Settings
 
 COMMIT_ATTEMPTS = 64  # compare-and-set retries when other replicas keep winning the race
@@ -128,7 +128,16 @@ class SessionEngine:
             owner=owner,
         )
         try:
-            await self._store_call(self.store.create(record, self.settings.max_sessions))
+            await self._store_call(
+                self.store.create(record, self.settings.max_sessions, self.settings.max_sessions_per_key)
+            )
+        except OwnerLimit:
+            raise APIError(
+                429,
+                "too_many_sessions",
+                f"this API key holds its limit of {self.settings.max_sessions_per_key} live sessions; delete or let some expire",
+                headers={"Retry-After": "30"},
+            ) from None
         except StoreFull:
             raise APIError(
                 503,
@@ -140,7 +149,7 @@ class SessionEngine:
 
     async def delete(self, session_id: str, owner: str = "") -> None:
         await self.load(session_id, owner)
-        await self._store_call(self.store.delete(session_id))
+        await self._store_call(self.store.delete(session_id, owner))
 
     async def reset(self, session_id: str, owner: str = "") -> SessionRecord:
         async with self._session_lock(session_id):
@@ -177,6 +186,13 @@ class SessionEngine:
                     replay = self._check_expected_step(record, inputs, digest)
                     if replay is not None:
                         return replay
+                    if record.steps + len(inputs) > self.settings.max_steps_per_session:
+                        raise APIError(
+                            422,
+                            "session_step_limit",
+                            f"a session may take at most {self.settings.max_steps_per_session} steps; it has {record.steps}: reset it or open a new one",
+                            steps=record.steps,
+                        )
                     new_record, results = await self._apply(record, inputs, digest)
                     if await self._store_call(self.store.commit(new_record, record.version)):
                         self.metrics.steps.labels(record.model).inc(len(inputs))
@@ -220,7 +236,7 @@ class SessionEngine:
                 raise unavailable("the server is shutting down") from None
             probs = probabilities.tolist()
             top = max(range(len(probs)), key=probs.__getitem__)
-            novelty = sum(p for slot, p in enumerate(probs) if slot >= len(labels))
+            novelty = min(1.0, sum(p for slot, p in enumerate(probs) if slot >= len(labels)))
             prediction = labels[top] if top < len(labels) else None
             pending = -1
             if item.label is not None:

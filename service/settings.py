@@ -41,8 +41,25 @@ class Settings(BaseSettings):
     max_image_side: int = Field(512, ge=1)
     max_steps_per_request: int = Field(256, ge=1)
 
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys (comma-separated); none: open"
+    )
+    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    metrics_require_key: bool = Field(False, description="whether /metrics needs an API key too")
+    max_sessions_per_key: int = Field(10_000, ge=1, description="live sessions one API key may hold; more -> 429")
+    max_steps_per_session: int = Field(
+        1_000_000, ge=1, description="steps one session may take before it must be reset"
+    )
+
     log_level: str = "info"
     access_log: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

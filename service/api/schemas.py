@@ -43,7 +43,9 @@ class StepIn(BaseModel):
 
     image: ImageIn
     label: Label | None = Field(None, description="the image's label; omit it for a query")
-    step: int | None = Field(None, ge=0, description="the step index the client expects (for exactly-once retries)")
+    step: StrictInt | None = Field(
+        None, ge=0, description="the step index the client expects (for exactly-once retries)"
+    )
 
 
 class StepsIn(BaseModel):
@@ -67,7 +69,7 @@ class CreateSessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_seconds": 600}]})
 
     model: str | None = Field(None, description="a name from GET /v1/models; the default model when omitted")
-    ttl_seconds: float | None = Field(None, gt=0, description="idle time before the session expires")
+    ttl_seconds: StrictFloat | StrictInt | None = Field(None, gt=0, description="idle time before the session expires")
 
 
 class SessionOut(BaseModel):

@@ -28,7 +28,7 @@ def encode_header(record: SessionRecord) -> bytes:
 def decode_record(header: bytes, state: bytes) -> SessionRecord:
     try:
         fields = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise RecordFormatError(f"unreadable session header: {exc}") from None
     if not isinstance(fields, dict) or fields.pop("format", None) != RECORD_FORMAT_VERSION:
         raise RecordFormatError("session header of an unknown format version")

@@ -7,25 +7,43 @@ each is atomic with respect to the others.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
-from service.sessions.store import SessionRecord, SessionStore, StoreFull
+from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull
 
 
 class MemoryStore(SessionStore):
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
+        self._per_owner: Counter[str] = Counter()
 
-    async def create(self, record: SessionRecord, max_sessions: int | None = None) -> None:
-        if max_sessions is not None and len(self._records) >= max_sessions:
+    async def create(
+        self, record: SessionRecord, max_sessions: int | None = None, max_per_owner: int | None = None
+    ) -> None:
+        full = max_sessions is not None and len(self._records) >= max_sessions
+        owner_full = max_per_owner is not None and self._per_owner[record.owner] >= max_per_owner
+        if full or owner_full:
             await self.sweep()
-            if len(self._records) >= max_sessions:
+            if max_sessions is not None and len(self._records) >= max_sessions:
                 raise StoreFull
+            if max_per_owner is not None and self._per_owner[record.owner] >= max_per_owner:
+                raise OwnerLimit
         self._records[record.session_id] = record
+        self._per_owner[record.owner] += 1
+
+    def _remove(self, session_id: str) -> bool:
+        record = self._records.pop(session_id, None)
+        if record is None:
+            return False
+        self._per_owner[record.owner] -= 1
+        if self._per_owner[record.owner] <= 0:
+            del self._per_owner[record.owner]
+        return True
 
     async def get(self, session_id: str) -> SessionRecord | None:
         record = self._records.get(session_id)
         if record is not None and record.is_expired():
-            del self._records[session_id]
+            self._remove(session_id)
             return None
         return record
 
@@ -36,8 +54,8 @@ class MemoryStore(SessionStore):
         self._records[record.session_id] = record
         return True
 
-    async def delete(self, session_id: str) -> bool:
-        return self._records.pop(session_id, None) is not None
+    async def delete(self, session_id: str, owner: str = "") -> bool:
+        return self._remove(session_id)
 
     async def count(self) -> int:
         return len(self._records)
@@ -46,7 +64,7 @@ class MemoryStore(SessionStore):
         now = time.time()
         expired = [sid for sid, record in self._records.items() if record.is_expired(now)]
         for sid in expired:
-            del self._records[sid]
+            self._remove(sid)
         return len(expired)
 
     async def ping(self) -> bool:

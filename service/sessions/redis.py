@@ -28,26 +28,31 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.sessions.codec import decode_record, encode_header
-from service.sessions.store import SessionRecord, SessionStore, StoreFull, StoreUnavailable
+from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable
 
-# KEYS: session key, index. ARGV: id, version, header, state, ttl ms, expires at, now, max sessions (0: none)
+# KEYS: session key, index, owner index.
+# ARGV: id, version, header, state, ttl ms, expires at, now, max sessions, max per owner (0: none)
 CREATE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[7])
 if tonumber(ARGV[8]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[8]) then return -1 end
+if tonumber(ARGV[9]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then return -2 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 's', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 return 1
 """
 
-# KEYS: session key, index. ARGV: id, expected version, new version, header, state, ttl ms, expires at
+# KEYS: session key, index, owner index. ARGV: id, expected version, new version, header, state, ttl ms, expires at
 COMMIT = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v or v ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'h', ARGV[4], 's', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
 return 1
 """
 
@@ -113,12 +118,30 @@ class RedisStore(SessionStore):
     def _write_args(self, record: SessionRecord) -> list[Any]:
         return [encode_header(record), record.state.to_bytes(), int(record.ttl_seconds * 1000), record.expires_at]
 
-    async def create(self, record: SessionRecord, max_sessions: int | None = None) -> None:
+    def owner_key(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}"
+
+    async def create(
+        self, record: SessionRecord, max_sessions: int | None = None, max_per_owner: int | None = None
+    ) -> None:
         header, state, ttl_ms, expires = self._write_args(record)
-        args = [record.session_id, record.version, header, state, ttl_ms, expires, time.time(), max_sessions or 0]
-        result = await self._call(self._create(keys=[self.key(record.session_id), self.index_key], args=args))
+        args = [
+            record.session_id,
+            record.version,
+            header,
+            state,
+            ttl_ms,
+            expires,
+            time.time(),
+            max_sessions or 0,
+            max_per_owner or 0,
+        ]
+        keys = [self.key(record.session_id), self.index_key, self.owner_key(record.owner)]
+        result = await self._call(self._create(keys=keys, args=args))
         if result == -1:
             raise StoreFull
+        if result == -2:
+            raise OwnerLimit
         if result == 0:
             raise StoreUnavailable("session id collision; retry")
 
@@ -132,7 +155,7 @@ class RedisStore(SessionStore):
 
     async def commit(self, record: SessionRecord, expected_version: int) -> bool:
         header, state, ttl_ms, expires = self._write_args(record)
-        keys = [self.key(record.session_id), self.index_key]
+        keys = [self.key(record.session_id), self.index_key, self.owner_key(record.owner)]
         args = [record.session_id, str(expected_version), str(record.version), header, state, ttl_ms, expires]
 
         def queue(pipe: Any) -> None:
@@ -141,11 +164,12 @@ class RedisStore(SessionStore):
 
         return await self._pipeliner.run(queue) == 1
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, owner: str = "") -> bool:
         async def both() -> int:
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.key(session_id))
             pipe.zrem(self.index_key, session_id)
+            pipe.zrem(self.owner_key(owner), session_id)
             return (await pipe.execute())[0]
 
         return bool(await self._call(both()))

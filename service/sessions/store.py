@@ -22,6 +22,10 @@ class StoreFull(Exception):
     """The store holds as many live sessions as it may; retry later."""
 
 
+class OwnerLimit(Exception):
+    """The owner (API key) holds as many live sessions as it may."""
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached or did not answer in time; nothing was written."""
 
@@ -68,8 +72,11 @@ class SessionStore(abc.ABC):
     """Where session records live. Implementations: memory:// (in process) and redis://."""
 
     @abc.abstractmethod
-    async def create(self, record: SessionRecord, max_sessions: int | None = None) -> None:
-        """Insert a new record; StoreFull when ``max_sessions`` live sessions exist."""
+    async def create(
+        self, record: SessionRecord, max_sessions: int | None = None, max_per_owner: int | None = None
+    ) -> None:
+        """Insert a new record; StoreFull when ``max_sessions`` live sessions exist, OwnerLimit when
+        its owner holds ``max_per_owner``."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -80,8 +87,8 @@ class SessionStore(abc.ABC):
         """Replace the record if its stored version is still ``expected_version``; False if not."""
 
     @abc.abstractmethod
-    async def delete(self, session_id: str) -> bool:
-        """Remove a record; False when there was none."""
+    async def delete(self, session_id: str, owner: str = "") -> bool:
+        """Remove a record (of ``owner``); False when there was none."""
 
     @abc.abstractmethod
     async def count(self) -> int:
