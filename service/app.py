@@ -54,7 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        torch.set_flush_denormal(True)  # sharp addressing weights underflow; denormal math is ~4x slower
         registry = ModelRegistry.load(
             settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, None
         )
@@ -89,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.openapi = lambda: _openapi_with_step_schemas(app)
     v2.install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2.router)
@@ -125,6 +125,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, access_log=settings.access_log
     )
     return app
+
+
+def _openapi_with_step_schemas(app: FastAPI) -> dict:
+    """FastAPI's schema plus the step bodies, which the hot route validates itself (see api/v1.py)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from service.api.schemas import StepIn, StepsIn
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (StepIn, StepsIn):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def app_from_env() -> FastAPI:

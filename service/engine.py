@@ -13,7 +13,6 @@ other mismatch is a 409 with the current step count.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -41,15 +40,6 @@ class StepInput:
     image: torch.Tensor
     label: slots.Label | None = None
     step: int | None = None
-
-
-def request_digest(parts: list[str]) -> str:
-    """Identity of a request's content (its steps' images and labels, not their indices), to recognise a retry."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()
 
 
 def unavailable(message: str) -> APIError:

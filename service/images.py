@@ -37,11 +37,12 @@ def decode_png(encoded: str, max_side: int) -> np.ndarray:
         raise invalid_image("png is empty")
     try:
         gray = decode_grayscale(data, max_pixels=max_side * max_side)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # the warning only arrives as an exception where warnings are errors (-W error, pytest here)
         raise invalid_image("png does not hold a PNG or JPEG image") from None
     except ValueError as exc:
         raise invalid_image(f"png: {exc}") from None
-    except OSError as exc:
+    except (OSError, SyntaxError) as exc:  # Pillow raises SyntaxError for a corrupt PNG chunk while decoding
         raise invalid_image(f"png could not be decoded: {exc}") from None
     _check_side(*gray.shape, max_side)
     return gray
@@ -55,12 +56,12 @@ def pixels_array(pixels: list[list[float]], max_side: int) -> np.ndarray:
     _check_side(len(pixels), width, max_side)
     if any(len(row) != width for row in pixels):
         raise invalid_image("pixels rows differ in length; send a rectangular 2-D array")
-    array = np.asarray(pixels, dtype=np.float32)
+    array = np.asarray(pixels, dtype=np.float64)  # checked before the cast: to float32, 1e300 overflows (and warns)
     if not np.isfinite(array).all():
         raise invalid_image("pixels hold NaN or infinite values")
     if array.min() < 0 or array.max() > 255:
         raise invalid_image("pixels must be gray levels in [0, 255]")
-    return array
+    return array.astype(np.float32)
 
 
 def to_model_input(gray: np.ndarray, image_size: int) -> torch.Tensor:

@@ -48,8 +48,7 @@ def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"expected a non-empty 2-D gray image, got shape {array.shape}")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise ValueError("gray levels must be finite numbers in [0, 255]")
-    image = Image.fromarray(array, mode="F")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    ink = 1.0 - np.asarray(image, dtype=np.float32) / 255.0
-    return np.clip(ink, 0.0, 1.0)
+    if array.shape != (size, size):
+        image = Image.fromarray(array, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.float32)
+    return np.clip(1.0 - array / 255.0, 0.0, 1.0)

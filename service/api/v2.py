@@ -9,9 +9,10 @@ Sections cited below are those of:
 - SEQ: Triton's sequence extension (server docs/protocol/extension_sequence.md).
 
 One request is one step of an episode. A sequence is a session of the one session store (so any replica
-finds it) whose ID derives from the model name and the sequence ID and cannot collide with a /v1 session
-ID (those never contain ``:``). Steps go through ``SessionEngine.step`` like /v1's: micro-batched, one
-at a time per session, committed exactly once, in order.
+finds it) whose ID derives from the API key (owner), the model name and the sequence ID, and cannot collide
+with a /v1 session ID (those never contain ``:``). Steps go through ``SessionEngine.step`` like /v1's:
+micro-batched, one at a time per session, committed exactly once, in order. PROBABILITIES come in the
+client's label order: the engine answers in slot order, and the i-th distinct label takes slot i.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.v1 import get_engine, get_owner
-from service.engine import SessionEngine, StepInput, unavailable
+from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailable
 from service.errors import APIError
 from service.images import decode_png, pixels_array, to_model_input
 from service.logs import log
@@ -46,7 +47,7 @@ from service.sessions.store import SessionRecord
 VERSION = "1"  # every model is served as version "1"
 EXTENSIONS = ["binary_tensor_data", "sequence"]
 MAX_SEQUENCE_ID_CHARS = 256
-ORDER_ATTEMPTS = 16  # re-reads when concurrent requests of one sequence keep moving it on
+ORDER_ATTEMPTS = COMMIT_ATTEMPTS  # re-reads while concurrent requests of one sequence move it on
 HEADER_LENGTH = "Inference-Header-Content-Length"  # BIN "HTTP/REST"
 DTYPES = {"UINT8": np.dtype("<u1"), "INT32": np.dtype("<i4"), "FP32": np.dtype("<f4")}  # BIN: little-endian
 # The protocol's URL trees: their errors leave in its shape; other /v2 paths (none served) keep /v1's.
@@ -65,6 +66,8 @@ PROBABILITIES_DOC = (
     "probability of label j; the mass of slots not yet labeled is shared evenly among label values not yet seen"
 )
 
+# Not in /openapi.json: the protocol is specified elsewhere, its bodies may be binary, and its error shape
+# is not /v1's ErrorOut, which every documented error answer there uses.
 router = APIRouter(prefix="/v2", tags=["v2"], include_in_schema=False)
 
 
@@ -342,7 +345,9 @@ def by_label(probabilities: list[float], labels: list[Any], num_ways: int) -> li
     return [probabilities[slots[j]] if j in slots else free / len(unseen) for j in range(num_ways)]
 
 
-def inference_response(served: ServedModel, request_id: str | None, values: list[float], outputs: dict[str, bool]):
+def inference_response(
+    served: ServedModel, request_id: str | None, values: list[float], outputs: dict[str, bool]
+) -> Response:
     """OIP "Inference Response JSON Object"; binary outputs follow the JSON header (BIN)."""
     header: dict[str, Any] = {"model_name": served.name, "model_version": VERSION}
     if request_id is not None:
