@@ -15,7 +15,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response_for
 from service.settings import Settings
 
 
@@ -58,13 +58,7 @@ class APIKeyMiddleware:
         owner = self._match(token.strip()) if scheme.lower() == b"bearer" else None
         if owner is None:
             message = "a valid API key is required: send 'Authorization: Bearer <key>'"
-            headers = {"WWW-Authenticate": "Bearer"}
-            if scope["path"].startswith("/v2"):
-                from fastapi.responses import JSONResponse
-
-                response = JSONResponse({"error": message}, status_code=401, headers=headers)
-            else:
-                response = error_response(401, "unauthorized", message, headers)
+            response = error_response_for(scope["path"], 401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["owner"] = owner

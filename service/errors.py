@@ -30,6 +30,27 @@ def error_response(
     return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
 
 
+# The Open Inference Protocol's paths answer errors in its own shape, {"error": "message"}.
+PROTOCOL_TREES = ("/v2/health", "/v2/models", "/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
+
+
+def is_protocol_path(path: str) -> bool:
+    return path.rstrip("/") == "/v2" or any(path == tree or path.startswith(tree + "/") for tree in PROTOCOL_TREES)
+
+
+def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def error_response_for(
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The error in the shape of the API that ``path`` belongs to: /v2's protocol shape or /v1's."""
+    if is_protocol_path(path):
+        return v2_error_response(status, message, headers)
+    return error_response(status, code, message, headers)
+
+
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",

@@ -10,7 +10,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response_for
 from service.logs import log, request_id
 from service.metrics import Metrics
 
@@ -52,7 +52,9 @@ class RequestMiddleware:
         except BodyTooLarge:
             status["over_limit"] = False
             if not status["sent"]:
-                response = error_response(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes")
+                response = error_response_for(
+                    scope["path"], 413, "payload_too_large", f"request body over {self.max_body_bytes} bytes"
+                )
                 await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started

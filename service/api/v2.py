@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.v1 import get_engine, get_owner
 from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailable
-from service.errors import APIError
+from service.errors import APIError, is_protocol_path, v2_error_response
 from service.images import decode_png, pixels_array, to_model_input
 from service.logs import log
 from service.registry import ServedModel
@@ -51,7 +51,6 @@ ORDER_ATTEMPTS = COMMIT_ATTEMPTS  # re-reads while concurrent requests of one se
 HEADER_LENGTH = "Inference-Header-Content-Length"  # BIN "HTTP/REST"
 DTYPES = {"UINT8": np.dtype("<u1"), "INT32": np.dtype("<i4"), "FP32": np.dtype("<f4")}  # BIN: little-endian
 # The protocol's URL trees: their errors leave in its shape; other /v2 paths (none served) keep /v1's.
-PROTOCOL_TREES = ("/v2/health", "/v2/models", "/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
 
 IMAGE_DOC = (
     "one grayscale image, 0-255, dark strokes on light paper, at most {side}x{side}: UINT8 or FP32 of shape "
@@ -77,10 +76,6 @@ class V2Error(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
-
-
-def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 # ----------------------------------------------------------------------------------- request JSON (OIP "Inference")
@@ -525,10 +520,6 @@ async def infer(request: Request, name: str) -> Response:
 
 
 # ----------------------------------------------------------------------------------- errors (OIP "Errors")
-
-
-def is_protocol_path(path: str) -> bool:
-    return path.rstrip("/") == "/v2" or any(path == tree or path.startswith(tree + "/") for tree in PROTOCOL_TREES)
 
 
 def _as_v2(exc: Exception) -> JSONResponse:
