@@ -24,10 +24,28 @@ EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255
 class ImageIn(BaseModel):
     """Grayscale, dark strokes on a light background, up to 512x512: exactly one of png or pixels."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"pixels": EXAMPLE_PIXELS}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"pixels": EXAMPLE_PIXELS}],
+            "oneOf": [
+                {"required": ["png"], "not": {"required": ["pixels"]}},
+                {"required": ["pixels"], "not": {"required": ["png"]}},
+            ],
+        },
+    )
 
     png: str | None = Field(None, description="base64 of a PNG or JPEG file")
-    pixels: list[list[StrictFloat]] | None = Field(None, description="rows of 0-255 gray levels (255 = white paper)")
+    pixels: list[list[StrictFloat]] | None = Field(
+        None,
+        description="rows of 0-255 gray levels (255 = white paper), at most 512x512",
+        # Documented here, checked by service.images (so that a bad value gets an image error).
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": 512,
+            "items": {"minItems": 1, "maxItems": 512, "items": {"minimum": 0, "maximum": 255}},
+        },
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageIn:
@@ -69,7 +87,9 @@ class CreateSessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_seconds": 600}]})
 
     model: str | None = Field(None, description="a name from GET /v1/models; the default model when omitted")
-    ttl_seconds: StrictFloat | StrictInt | None = Field(None, gt=0, description="idle time before the session expires")
+    ttl_seconds: StrictFloat | StrictInt | None = Field(
+        None, gt=0, le=7 * 24 * 3600, description="idle time before the session expires"
+    )
 
 
 class SessionOut(BaseModel):
