@@ -56,7 +56,7 @@ def measure_store(store: str, model: str | None, seconds: float, concurrency: in
     if model:
         env["NTM_MODELS"] = model
     env["NTM_REDIS_PREFIX"] = f"ntmbench:{os.getpid()}:"
-    server = ServerProcess(env)
+    server = ServerProcess(env).wait_ready()
     try:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(server.process.pid, {cpus[0]})

@@ -63,6 +63,16 @@ def omniglot_zip(omniglot_folder: Path, tmp_path_factory: pytest.TempPathFactory
 TINY_CONFIG = {"memory_slots": 16, "memory_width": 8, "hidden_size": 32, "conv_channels": (4, 8), "feature_size": 16}
 
 
+def write_tiny_checkpoint(directory: Path, seed: int) -> Path:
+    """A real, randomly initialised small NTM checkpoint (fast to load and to step); the global RNG is left as it was."""
+    from models import NTM, NTMConfig, save_checkpoint
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = NTM(NTMConfig(**TINY_CONFIG))
+    return save_checkpoint(model, directory)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
@@ -71,12 +81,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory named ``tiny`` (so the service serves it as model "tiny"), fixed weights."""
-    from models import NTM, NTMConfig, save_checkpoint
-
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        model = NTM(NTMConfig(**TINY_CONFIG))
-    return save_checkpoint(model, tmp_path_factory.mktemp("checkpoints") / "tiny")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny", seed=1234)
 
 
 @pytest.fixture(scope="session")
@@ -92,17 +97,3 @@ def live_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     log = server.log()
     assert code in (0, -signal.SIGTERM), f"the server exited with {code} on SIGTERM:\n{log}"
     assert '"message": "stopped"' in log, f"no graceful shutdown:\n{log}"
-
-
-def write_small_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A real (randomly initialised) small NTM checkpoint: fast to load and to step."""
-    from models import NTM, NTMConfig, save_checkpoint
-
-    torch.manual_seed(seed)
-    config = NTMConfig(memory_slots=16, memory_width=8, hidden_size=32, conv_channels=(4, 8), feature_size=16)
-    return save_checkpoint(NTM(config), directory)
-
-
-@pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_small_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")

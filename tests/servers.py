@@ -11,10 +11,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -33,63 +35,82 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None
     raise TimeoutError("condition not met in time")
 
 
-class ServerProcess:
-    """``ntm-serve``'s app under uvicorn in a subprocess on a free port."""
+def server_env(**ntm: str) -> dict[str, str]:
+    """This process's environment without any NTM_* variable, plus ``ntm`` as NTM_<KEY>."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
+    env.update({f"NTM_{key.upper()}": value for key, value in ntm.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+
+class ServerProcess:
+    """A real server of the service in a subprocess, its output in a log file.
+
+    By default ``python -m uvicorn service.app:app_from_env --factory`` on a free port, with
+    ``env`` (NTM_* variables) on top of a clean environment; ``args`` runs another command
+    line (``ntm-serve``, say) that listens on ``port``. ``stop`` sends SIGTERM and waits.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        args: Sequence[str] | None = None,
+        port: int | None = None,
+        log_path: Path | None = None,
+        log_level: str = "warning",
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="ntm-server-", suffix=".log", delete=False)  # noqa: SIM115
-        full_env = {**os.environ, "NTM_LOG_LEVEL": "warning", "NTM_THREADS": "1", **env}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:app_from_env",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(self._ready, timeout=60)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"server did not become ready: {Path(self.log.name).read_text()[-2000:]}") from None
+        if log_path is None:
+            handle, name = tempfile.mkstemp(prefix="ntm-server-", suffix=".log")
+            os.close(handle)
+            log_path = Path(name)
+        self.log_path = log_path
+        full_env = {**server_env(log_level=log_level, threads="1"), **(env or {})}
+        if args is None:
+            args = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1"]
+            args += ["--port", str(self.port), "--log-level", log_level, "--no-access-log"]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(list(args), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
-        return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
+        """Until /readyz answers 200 (models loaded, store reachable); raises with the log if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready within {timeout:g} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal, then wait; the exit status (uvicorn re-raises SIGTERM after a graceful shutdown: -15)."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
-                self.process.wait(timeout)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
         return self.process.returncode
 
 
 @contextlib.contextmanager
 def server(env: dict[str, str]) -> Iterator[ServerProcess]:
+    """A ready server for the duration of the block; its log file is removed afterwards."""
     proc = ServerProcess(env)
     try:
-        yield proc
+        yield proc.wait_ready()
     finally:
         proc.stop()
-        os.unlink(proc.log.name)
+        proc.log_path.unlink(missing_ok=True)
 
 
 class RedisServer:

@@ -5,12 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +18,8 @@ from models import NTM
 from models.data.preprocess import preprocess
 from service.app import create_app
 from service.settings import PRETRAINED_DIR, Settings
+from tests.servers import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY_BYTES = 1024 * 1024  # room for a 513x513 pixel array (about 0.5 MB), so that it meets the image check
 MAX_STEPS_PER_REQUEST = 16
 NUM_WAYS = 5
@@ -62,72 +56,16 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 # ----------------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_env(**ntm: str) -> dict[str, str]:
-    """This process's environment without any NTM_* variable, plus ``ntm`` as NTM_<KEY>."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
-    env.update({f"NTM_{key.upper()}": value for key, value in ntm.items()})
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class ServerProcess:
-    """A real server in a subprocess, its output in a log file; ``stop`` sends SIGTERM and waits."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str], port: int, log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(list(args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout:g} s:\n{self.log()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait; the exit status (uvicorn re-raises the signal after a graceful shutdown: -15)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
 def start_uvicorn(tiny_checkpoint: Path, log_path: Path) -> ServerProcess:
     """``python -m uvicorn service.app:app_from_env --factory`` with the settings of ``api_settings``."""
-    port = free_port()
-    env = server_env(
-        models=f"{tiny_checkpoint},{PRETRAINED_DIR}",
-        log_level="info",  # the log then shows the lifespan's "ready" and "stopped"
-        access_log="false",
-        threads="1",
-        max_body_bytes=str(MAX_BODY_BYTES),
-        max_steps_per_request=str(MAX_STEPS_PER_REQUEST),
-    )
-    args = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory"]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "info", "--no-access-log"]
-    server = ServerProcess(args, env, port, log_path)
-    server.wait_ready()
-    return server
+    env = {
+        "NTM_MODELS": f"{tiny_checkpoint},{PRETRAINED_DIR}",
+        "NTM_ACCESS_LOG": "false",
+        "NTM_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        "NTM_MAX_STEPS_PER_REQUEST": str(MAX_STEPS_PER_REQUEST),
+    }
+    # log level info: the log then shows the lifespan's "ready" and "stopped"
+    return ServerProcess(env, log_path=log_path, log_level="info").wait_ready()
 
 
 # ----------------------------------------------------------------------------------- images and bodies

@@ -28,8 +28,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(small_checkpoint):
-    with server({"NTM_MODELS": str(small_checkpoint), "NTM_MAX_BODY_BYTES": "262144"}) as proc:
+def fuzz_target(tiny_checkpoint):
+    with server({"NTM_MODELS": str(tiny_checkpoint), "NTM_MAX_BODY_BYTES": "262144"}) as proc:
         LIVE_SESSIONS[:] = [httpx.post(f"{proc.url}/v1/sessions").json()["session_id"] for _ in range(8)]
         yield proc
 

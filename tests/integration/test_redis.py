@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from service.sessions.redis import RedisStore
-from tests.conftest import write_small_checkpoint
+from tests.conftest import write_tiny_checkpoint
 from tests.servers import RedisServer, server
 
 LABELS = ["a", "b", "a", None, "c", "b", 7, "a", None, "c", 7, "b"]
@@ -47,9 +47,9 @@ def run_episode(urls: list[str], images, labels) -> list[list[float]]:
 
 
 @pytest.fixture(scope="module")
-def two_replicas(small_checkpoint, redis_url, tmp_path_factory):
+def two_replicas(tiny_checkpoint, redis_url, tmp_path_factory):
     prefix = f"ntmtest:replicas{int(time.time() * 1000)}:"
-    env = {"NTM_MODELS": str(small_checkpoint), "NTM_STORE": redis_url, "NTM_REDIS_PREFIX": prefix}
+    env = {"NTM_MODELS": str(tiny_checkpoint), "NTM_STORE": redis_url, "NTM_REDIS_PREFIX": prefix}
     with server(env) as a, server(env) as b:
         yield a, b
     client = redis.Redis.from_url(redis_url)
@@ -59,11 +59,11 @@ def two_replicas(small_checkpoint, redis_url, tmp_path_factory):
     client.close()
 
 
-def test_alternating_replicas_equal_a_single_process(two_replicas, small_checkpoint):
+def test_alternating_replicas_equal_a_single_process(two_replicas, tiny_checkpoint):
     a, b = two_replicas
     images = episode_images(len(LABELS))
     hopping = run_episode([a.url, b.url], images, LABELS)
-    with server({"NTM_MODELS": str(small_checkpoint)}) as single:
+    with server({"NTM_MODELS": str(tiny_checkpoint)}) as single:
         alone = run_episode([single.url], images, LABELS)
     assert np.abs(np.array(hopping) - np.array(alone)).max() <= 1e-5
 
@@ -102,8 +102,8 @@ def test_racing_clients_over_two_replicas_lose_and_double_nothing(two_replicas):
 
 
 def test_state_from_other_weights_is_refused_with_409(redis_url, redis_prefix, tmp_path):
-    old = write_small_checkpoint(tmp_path / "v1" / "tiny", seed=1)
-    new = write_small_checkpoint(tmp_path / "v2" / "tiny", seed=2)
+    old = write_tiny_checkpoint(tmp_path / "v1" / "tiny", seed=1)
+    new = write_tiny_checkpoint(tmp_path / "v2" / "tiny", seed=2)
     env = {"NTM_STORE": redis_url, "NTM_REDIS_PREFIX": redis_prefix}
     image = episode_images(1)[0]
     with server({**env, "NTM_MODELS": str(old)}) as before, server({**env, "NTM_MODELS": str(new)}) as after:
@@ -115,9 +115,9 @@ def test_state_from_other_weights_is_refused_with_409(redis_url, redis_prefix, t
         assert httpx.get(f"{before.url}/v1/sessions/{session}").json()["steps"] == 1
 
 
-def test_redis_outage_answers_503_then_sessions_continue(small_checkpoint):
+def test_redis_outage_answers_503_then_sessions_continue(tiny_checkpoint):
     redis_server = RedisServer()
-    env = {"NTM_MODELS": str(small_checkpoint), "NTM_STORE": redis_server.url, "NTM_REDIS_TIMEOUT_SECONDS": "0.5"}
+    env = {"NTM_MODELS": str(tiny_checkpoint), "NTM_STORE": redis_server.url, "NTM_REDIS_TIMEOUT_SECONDS": "0.5"}
     image = episode_images(1)[0]
     try:
         with server(env) as replica, httpx.Client(base_url=replica.url, timeout=30) as client:

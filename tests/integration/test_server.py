@@ -19,15 +19,8 @@ import numpy as np
 import pytest
 
 from models import load_checkpoint
-from tests.api.support import (
-    ServerProcess,
-    assert_error,
-    free_port,
-    random_pixels,
-    reference_probabilities,
-    server_env,
-    step_body,
-)
+from tests.api.support import assert_error, random_pixels, reference_probabilities, step_body
+from tests.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +33,9 @@ def ntm_serve(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     """``ntm-serve --port P --model <tiny>`` with its access log on, ready; stopped at the end if still running."""
     port = free_port()
     args = [NTM_SERVE, "--host", "127.0.0.1", "--port", str(port), "--model", str(tiny_checkpoint)]
-    server = ServerProcess([*args, "--log-level", "info"], server_env(threads="1"), port, tmp_path / "serve.log")
+    server = ServerProcess(
+        args=[*args, "--log-level", "info"], port=port, log_path=tmp_path / "serve.log", log_level="info"
+    )
     try:
         server.wait_ready()
         yield server

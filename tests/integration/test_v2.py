@@ -27,8 +27,8 @@ sequence_ids = itertools.count(1000)
 
 
 @pytest.fixture(scope="module")
-def live(small_checkpoint: Path) -> Iterator[ServerProcess]:
-    with server({"NTM_MODELS": str(small_checkpoint)}) as proc:
+def live(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    with server({"NTM_MODELS": str(tiny_checkpoint)}) as proc:
         yield proc
 
 
@@ -231,13 +231,13 @@ def test_concurrent_requests_of_a_sequence_each_apply_once(live: ServerProcess, 
 
 
 def test_sequences_hop_replicas_over_redis(
-    live: ServerProcess, small_checkpoint: Path, redis_url: str, redis_prefix: str
+    live: ServerProcess, tiny_checkpoint: Path, redis_url: str, redis_prefix: str
 ) -> None:
     """The sequence's ID is derived, not held: two replicas sharing Redis take turns at one sequence."""
     images, labels = episode(seed=7)
     images, labels = images[:12], labels[:12]
     reference = v1_episode(live.url, images, labels)
-    env = {"NTM_MODELS": str(small_checkpoint), "NTM_STORE": redis_url, "NTM_REDIS_PREFIX": redis_prefix}
+    env = {"NTM_MODELS": str(tiny_checkpoint), "NTM_STORE": redis_url, "NTM_REDIS_PREFIX": redis_prefix}
     with server(env) as a, server(env) as b:
         clients = [triton.InferenceServerClient(replica.url.removeprefix("http://")) for replica in (a, b)]
         got = [
