@@ -6,6 +6,7 @@ stacks pending sessions into a batch, runs one model step and splits the batch b
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, fields
 
@@ -103,7 +104,7 @@ class NTMState:
         if read_width is None:
             read_width = width if heads else 0
         shapes = [(1, slots, width), (1, read_width), (1, heads, slots), (1, hidden), (1, hidden)]
-        sizes = [int(np.prod(s)) for s in shapes]
+        sizes = [math.prod(s) for s in shapes]  # Python ints: np.prod wraps around int64 on a hostile header
         expected = _HEADER.size + 4 * sum(sizes)
         if len(data) != expected:
             raise StateFormatError(f"state bytes have length {len(data)}, expected {expected}")
