@@ -25,3 +25,4 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.model
 	$(PY) -m bench.training
 	$(PY) -m bench.http
+	$(PY) -m bench.soak

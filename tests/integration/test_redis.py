@@ -166,3 +166,37 @@ def test_records_are_compact_and_ttl_refreshes_on_commit(redis_url, redis_prefix
     assert size < 26_000, "state 23,288 bytes plus a small header"
     assert ttl > 90_000, "the commit refreshed the TTL"
     assert count == 1 and not stale and identical
+
+
+def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_prefix):
+    """The micro-batch's store traffic is pipelined: 16 sessions' gets (and commits) in one round trip each."""
+    from dataclasses import replace
+
+    from models import NTM, NTMConfig
+    from service.sessions.store import SessionRecord
+
+    async def scenario() -> tuple[int, int, list[bool]]:
+        store = RedisStore(redis_url, redis_prefix)
+        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).detach()
+        records = [SessionRecord(f"p{i}", "default", "fp", state, 60.0, time.time() + 60) for i in range(16)]
+        for record in records:
+            await store.create(record)
+        pipelines = 0
+        real_pipeline = store.client.pipeline
+
+        def counting_pipeline(*args, **kwargs):
+            nonlocal pipelines
+            pipelines += 1
+            return real_pipeline(*args, **kwargs)
+
+        store.client.pipeline = counting_pipeline
+        loaded = await asyncio.gather(*[store.get(r.session_id) for r in records])
+        after_gets = pipelines
+        committed = await asyncio.gather(*[store.commit(replace(r, version=1, steps=1), 0) for r in loaded])
+        after_commits = pipelines - after_gets
+        await store.close()
+        return after_gets, after_commits, committed
+
+    gets, commits, committed = asyncio.run(scenario())
+    assert (gets, commits) == (1, 1)
+    assert all(committed)
