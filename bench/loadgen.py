@@ -70,7 +70,8 @@ async def _run(host: str, port: int, connections: int, factory: RequestFactory, 
     return LoadResult(len(latencies), errors[0], time.perf_counter() - started, latencies)
 
 
-def _child(queue: multiprocessing.Queue, cpu: int | None, args: tuple) -> None:
+def prepare_load_process(cpu: int | None) -> None:
+    """In a load generator process: pin it to ``cpu`` (away from the server's core) and use uvloop if present."""
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
     try:
@@ -79,6 +80,10 @@ def _child(queue: multiprocessing.Queue, cpu: int | None, args: tuple) -> None:
         uvloop.install()
     except ImportError:
         pass
+
+
+def _child(queue: multiprocessing.Queue, cpu: int | None, args: tuple) -> None:
+    prepare_load_process(cpu)
     queue.put(asyncio.run(_run(*args)))
 
 

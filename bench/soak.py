@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 from bench.common import fmt, machine_load, markdown_table, write_json
-from bench.loadgen import http_request
+from bench.loadgen import http_request, prepare_load_process
 from tests.servers import ServerProcess
 
 BODIES = 16  # distinct pre-encoded step chunks; an episode walks through them
@@ -272,14 +272,7 @@ class Soak:
 
 
 def _child(queue, cpu: int | None, plan: Plan) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    prepare_load_process(cpu)
     try:
         asyncio.run(Soak(plan).run(queue))
     except BaseException as exc:  # the parent must hear about it rather than wait forever
