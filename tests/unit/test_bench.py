@@ -82,3 +82,67 @@ def test_seed_reference_steps_and_learns():
     assert logits.shape == (3, 2, 5) and torch.isfinite(logits).all()
     logits.sum().backward()
     assert seed.write_head.fc_a.weight.grad is not None
+
+
+def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, redis_url, capsys):
+    from bench import http
+
+    out = tmp_path / "http.json"
+    store = redis_url
+    assert (
+        http.main(
+            [
+                "--model",
+                str(tiny_checkpoint),
+                "--seconds",
+                "0.3",
+                "--concurrency",
+                "4",
+                "--store",
+                "memory://",
+                "--store",
+                store,
+                "--idle-sessions",
+                "20",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [r["store"] for r in report["results"]] == ["memory://", store]
+    assert all(
+        r["errors"] == 0 and r["sessions_steps_per_s"] > 0 and r["batch_steps_per_s"] > 0 for r in report["results"]
+    )
+    assert report["redis_memory"]["sessions"] == 20 and report["redis_memory"]["bytes_per_session"] > 1000
+    assert "steps vs /healthz" in capsys.readouterr().out
+
+
+def test_soak_bench_completes_every_episode_without_errors(tmp_path, tiny_checkpoint):
+    from bench import soak
+
+    out = tmp_path / "soak.json"
+    code = soak.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--episodes",
+            "6",
+            "--clients",
+            "3",
+            "--steps",
+            "10",
+            "--chunk",
+            "5",
+            "--ttl",
+            "1",
+            "--seconds-per-window",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["live_sessions_end"] == 0 and report["settings"]["episodes"] == 6
