@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from bench.common import markdown_table, write_json
 from bench.loadgen import generate_load, http_request
@@ -32,9 +35,15 @@ from tests.servers import ServerProcess
 TARGETS = {"single_client_p50_ms": 2.0, "sessions_vs_healthz": 0.40, "batch_steps_per_s": 10_000}
 
 
-def step_payload(seed: int, label: int | None) -> dict:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(28, 28)).tolist()
-    body: dict = {"image": {"pixels": pixels}}
+def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
+    """A 28x28 step body: the image as a pixel array or as base64 PNG."""
+    gray = np.random.default_rng(seed).integers(0, 256, size=(28, 28))
+    if image == "png":
+        buffer = io.BytesIO()
+        Image.fromarray(gray.astype(np.uint8), mode="L").save(buffer, "PNG")
+        body: dict = {"image": {"png": base64.b64encode(buffer.getvalue()).decode()}}
+    else:
+        body = {"image": {"pixels": gray.tolist()}}
     if label is not None:
         body["label"] = label
     return body
@@ -45,7 +54,9 @@ def open_sessions(url: str, count: int) -> list[str]:
         return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
 
 
-def measure_store(store: str, model: str | None, seconds: float, concurrency: int, cpus: tuple[int, int]) -> dict:
+def measure_store(
+    store: str, model: str | None, seconds: float, concurrency: int, cpus: tuple[int, int], image: str = "pixels"
+) -> dict:
     env = {
         "NTM_STORE": store,
         "NTM_ACCESS_LOG": "false",
@@ -60,7 +71,7 @@ def measure_store(store: str, model: str | None, seconds: float, concurrency: in
     try:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(server.process.pid, {cpus[0]})
-        bodies = [json.dumps(step_payload(i, i % 5)).encode() for i in range(16)]
+        bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]
         host, port = "127.0.0.1", server.port
 
         single = open_sessions(server.url, 1)[0]
@@ -83,6 +94,7 @@ def measure_store(store: str, model: str | None, seconds: float, concurrency: in
         server.stop()
     return {
         "store": store,
+        "image": image,
         "single_client_p50_ms": 1000 * latency.percentile(0.50),
         "single_client_p99_ms": 1000 * latency.percentile(0.99),
         "single_client_steps_per_s": latency.rate,
@@ -144,14 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-sessions", type=int, default=10_000, help="idle sessions written to measure Redis memory"
     )
+    parser.add_argument(
+        "--image",
+        nargs="+",
+        choices=["pixels", "png"],
+        default=["pixels", "png"],
+        help="step image encodings to measure",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     stores = args.store or ["memory://"]
     cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
-    results = [measure_store(store, args.model, args.seconds, args.concurrency, cpus) for store in stores]
+    results = [
+        measure_store(store, args.model, args.seconds, args.concurrency, cpus, image)
+        for store in stores
+        for image in args.image
+    ]
     rows = [
         [
             r["store"],
+            r["image"],
             f"{r['single_client_p50_ms']:.2f} / {r['single_client_p99_ms']:.2f}",
             f"{r['healthz_per_s']:,.0f}",
             f"{r['sessions_steps_per_s']:,.0f}",
@@ -164,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         [
             "target",
+            "",
             f"p50 <= {TARGETS['single_client_p50_ms']}",
             "",
             "",
@@ -176,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(
             [
                 "store",
+                "image",
                 "1 client p50 / p99 ms",
                 f"/healthz req/s ({args.concurrency} conns)",
                 f"steps/s ({args.concurrency} sessions)",
