@@ -128,8 +128,17 @@ class MicroBatcher:
             results = [exc] * len(batch)
         if self._observe is not None:
             self._observe(len(batch), wait, time.perf_counter() - started)
+        # One wake-up per event loop for the whole batch, not one per session.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
         for pending, result in zip(batch, results, strict=True):
-            pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+            by_loop.setdefault(pending.loop, []).append((pending.future, result))
+        for loop, outcomes in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, outcomes)
+
+
+def _resolve_all(outcomes: list[tuple[asyncio.Future, object]]) -> None:
+    for future, result in outcomes:
+        _resolve(future, result)
 
 
 def _resolve(future: asyncio.Future, result: object) -> None:

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Path, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
@@ -27,7 +26,7 @@ from service.api.schemas import (
 )
 from service.engine import SessionEngine, StepInput, iso_time
 from service.errors import APIError
-from service.images import decode_png, pixels_array, to_model_input
+from service.images import decode_png_async, pixels_array, to_model_input
 
 SessionId = Annotated[str, Path(min_length=1, max_length=64, description="the ID from POST /v1/sessions")]
 ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 503)}
@@ -48,9 +47,9 @@ Owner = Annotated[str, Depends(get_owner)]
 
 
 async def to_gray(image: ImageIn, max_side: int) -> np.ndarray:
-    """The request image as 0-255 gray levels; PNG/JPEG decoding runs off the event loop."""
+    """The request image as 0-255 gray levels; a large PNG/JPEG is decoded off the event loop."""
     if image.png is not None:
-        return await run_in_threadpool(decode_png, image.png, max_side)
+        return await decode_png_async(image.png, max_side)
     return pixels_array(image.pixels or [], max_side)
 
 

@@ -30,7 +30,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -39,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.v1 import get_engine, get_owner
 from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailable
 from service.errors import APIError, is_protocol_path, v2_error_response
-from service.images import decode_png, pixels_array, to_model_input
+from service.images import decode_png_async, pixels_array, to_model_input
 from service.logs import log
 from service.registry import ServedModel
 from service.sessions.store import SessionRecord
@@ -278,7 +277,7 @@ async def image_input(item: RequestInput, raw: bytes | None, max_side: int, imag
     """The model-ready image, through the same checks and preprocessing as /v1 images."""
     try:
         if item.datatype == "BYTES":
-            gray = await run_in_threadpool(decode_png, encoded_file(item, raw), max_side)
+            gray = await decode_png_async(encoded_file(item, raw), max_side)
         else:
             gray = pixels_array(numeric(item, raw).reshape(item.shape[-2:]).tolist(), max_side)
     except APIError as exc:
