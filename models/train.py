@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class TrainOptions:
     stop_at: int | None = None
     stop_after_minutes: float | None = None
     log_every: int = 20
+    compile: bool = False
     progress: bool = True
 
 
@@ -70,10 +72,15 @@ def learning_rate(options: TrainOptions, iteration: int, progress: float) -> flo
     return options.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_step(model: NTM, optimizer: torch.optim.Optimizer, batch, clip_norm: float) -> tuple[float, float]:
-    """One gradient step on a batch of episodes; returns (loss, accuracy)."""
+def train_step(
+    model: NTM, optimizer: torch.optim.Optimizer, batch, clip_norm: float, forward: Callable | None = None
+) -> tuple[float, float]:
+    """One gradient step on a batch of episodes; returns (loss, accuracy).
+
+    ``forward`` is the model's forward to use (``torch.compile(model)`` with ``--compile``).
+    """
     model.train()
-    logits = model(batch.images, batch.label_inputs)
+    logits = (model if forward is None else forward)(batch.images, batch.label_inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -100,7 +107,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     ax_loss.set_yscale("log")
     ax_loss.legend()
     ax_acc.plot([r["episodes"] for r in train], [r["accuracy"] for r in train], label="train (all steps)", alpha=0.6)
-    for k in ("1", "2", "10"):
+    reported = list(val[-1]["by_instance"]) if val else []
+    for k in dict.fromkeys(reported[:2] + reported[-1:]):  # 1st, 2nd and the last reported instance
         ax_acc.plot(
             [r["episodes"] for r in val],
             [r["by_instance"][k]["accuracy"] for r in val],
@@ -133,6 +141,9 @@ class Trainer:
         self.val_data = val_set.as_array()
         self.model = NTM(config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)
+        # The whole 50-step episode as one compiled graph: about 2x the episodes/s on CPU after a
+        # compile of a few minutes, worth it for long runs. Parameters stay those of self.model.
+        self.forward = torch.compile(self.model, dynamic=False) if options.compile else None
         self.iteration, self.episodes, self.elapsed = 0, 0, 0.0
         options.out.mkdir(parents=True, exist_ok=True)
         if options.resume:
@@ -185,7 +196,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = self.sampler.sample(opts.batch_size)
-            loss, accuracy = train_step(self.model, self.optimizer, batch, opts.clip_norm)
+            loss, accuracy = train_step(self.model, self.optimizer, batch, opts.clip_norm, self.forward)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at iteration {self.iteration}")
             self.iteration += 1
@@ -320,6 +331,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         "--stop-after-minutes", type=float, default=None, help="checkpoint and stop after this long, as if interrupted"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the episode forward (minutes to compile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         stop_at=args.stop_at,
         stop_after_minutes=args.stop_after_minutes,
         progress=not args.no_progress,
+        compile=args.compile,
     )
 
 

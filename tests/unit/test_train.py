@@ -98,3 +98,13 @@ def test_ntm_eval_reports_the_instance_table(omniglot_zip, tmp_path, capsys):
     result = json.loads(out_json.read_text())[str(tmp_path / "m")]
     assert list(result["by_instance"]) == [str(k) for k in REPORTED_INSTANCES]
     assert all(0 <= v["accuracy"] <= 1 and v["ci95"] >= 0 for v in result["by_instance"].values())
+
+
+def test_compiled_training_matches_eager(omniglot_zip, tmp_path):
+    """--compile trains the same parameters (to float tolerance) as the eager run."""
+    run = dict(iterations=3, val_every=1000, log_every=1, shots=2, config=TINY)
+    Trainer(options(omniglot_zip, tmp_path / "eager", **run)).run()
+    Trainer(options(omniglot_zip, tmp_path / "compiled", compile=True, **run)).run()
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4)
