@@ -44,14 +44,6 @@ class NTMState:
     def batch_size(self) -> int:
         return self.h.shape[0]
 
-    @property
-    def read_weight(self) -> torch.Tensor:
-        return self.weights[:, 0]
-
-    @property
-    def write_weight(self) -> torch.Tensor:
-        return self.weights[:, 1]
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
 

@@ -323,7 +323,11 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: weights, optimiser, RNG, iteration (give the run's options again)",
+    )
     parser.add_argument(
         "--stop-at", type=int, default=None, help="checkpoint and stop at this iteration, as if interrupted"
     )

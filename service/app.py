@@ -55,10 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         registry = ModelRegistry.load(
-            settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, None
+            settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, metrics.batch_observer
         )
-        for name, served in registry.models.items():
-            served.batcher._observe = metrics.batch_observer(name)
         store = open_store(settings)
         engine = SessionEngine(settings, registry, store, metrics)
         app.state.engine = engine
@@ -100,14 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz", tags=["health"], summary="Readiness: models loaded and the store reachable")
     async def readyz() -> JSONResponse:
         engine: SessionEngine | None = getattr(app.state, "engine", None)
-        if engine is None or engine.draining:
-            return error_response(503, "not_ready", "the service is starting or shutting down")
-        try:
-            reachable = await asyncio.wait_for(engine.store.ping(), settings.redis_timeout_seconds)
-        except Exception:
-            reachable = False
-        if not reachable:
-            return error_response(503, "not_ready", "the session store is unreachable")
+        reason = "the service is starting" if engine is None else await engine.not_ready_reason()
+        if reason is not None:
+            return error_response(503, "not_ready", reason)
         return JSONResponse({"status": "ready", "models": list(engine.registry.models)})
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)

@@ -26,6 +26,7 @@ from service.errors import APIError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, ServedModel
 from service.sessions import labels as slots
+from service.sessions.codec import RecordFormatError
 from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
 from service.settings import Settings
 
@@ -75,6 +76,16 @@ class SessionEngine:
         except StoreUnavailable:
             raise unavailable("the session store is unavailable; retry shortly") from None
 
+    async def not_ready_reason(self) -> str | None:
+        """Why this replica should get no traffic now (None: ready): draining, or the store unreachable."""
+        if self.draining:
+            return "the service is shutting down"
+        try:
+            reachable = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_seconds)
+        except Exception:
+            reachable = False
+        return None if reachable else "the session store is unreachable"
+
     def served(self, name: str | None) -> ServedModel:
         served = self.registry.get(name)
         if served is None:
@@ -82,12 +93,20 @@ class SessionEngine:
         return served
 
     async def load(self, session_id: str, owner: str = "") -> SessionRecord:
-        record = await self._store_call(self.store.get(session_id))
+        try:
+            record = await self._store_call(self.store.get(session_id))
+        except RecordFormatError:
+            raise APIError(
+                409,
+                "state_incompatible",
+                f"session {session_id!r} was stored in a format this replica cannot read; open a new session",
+            ) from None
         if record is None or record.owner != owner:
             raise APIError(404, "session_not_found", f"no live session {session_id!r} (unknown or expired)")
         return record
 
-    def _served_for(self, record: SessionRecord) -> ServedModel:
+    def served_for(self, record: SessionRecord) -> ServedModel:
+        """The model a stored session needs: the same name and the very weights it was made with."""
         served = self.registry.get(record.model)
         if served is None or served.fingerprint != record.fingerprint:
             raise APIError(
@@ -119,7 +138,10 @@ class SessionEngine:
         )
         try:
             await self._store_call(
-                self.store.create(record, self.settings.max_sessions, self.settings.max_sessions_per_key)
+                # owner "" means no API keys are configured: then only the store's own limit applies
+                self.store.create(
+                    record, self.settings.max_sessions, self.settings.max_sessions_per_key if owner else None
+                )
             )
         except OwnerLimit:
             raise APIError(
@@ -145,7 +167,13 @@ class SessionEngine:
         async with self._session_lock(session_id):
             for _ in range(COMMIT_ATTEMPTS):
                 record = await self.load(session_id, owner)
-                served = self.served(record.model)
+                served = self.registry.get(record.model)  # a fresh episode takes this replica's weights
+                if served is None:
+                    raise APIError(
+                        409,
+                        "state_incompatible",
+                        f"this replica does not serve model {record.model!r} of session {session_id!r}",
+                    )
                 fresh = replace(
                     record,
                     fingerprint=served.fingerprint,
@@ -211,7 +239,7 @@ class SessionEngine:
     async def _apply(
         self, record: SessionRecord, inputs: list[StepInput], digest: str
     ) -> tuple[SessionRecord, list[dict]]:
-        served = self._served_for(record)
+        served = self.served_for(record)
         try:
             slots.check_capacity(record.labels, [i.label for i in inputs if i.label is not None], served.num_ways)
         except slots.TooManyLabels as exc:

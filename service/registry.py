@@ -55,7 +55,7 @@ class ModelRegistry:
         device: str,
         max_batch: int,
         max_wait: float,
-        observe: Callable[[int, float, float], None] | None = None,
+        observer_for: Callable[[str], Callable[[int, float, float], None]] | None = None,
     ) -> ModelRegistry:
         if not paths:
             raise ValueError("no model to serve: give at least one checkpoint directory")
@@ -66,6 +66,7 @@ class ModelRegistry:
             name = _model_name(Path(path), set(models))
             with torch.inference_mode():
                 initial = model.initial_state(1).to("cpu")
+            observe = observer_for(name) if observer_for is not None else None
             batcher = MicroBatcher(model, max_batch, max_wait, observe, name)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)

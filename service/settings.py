@@ -31,7 +31,9 @@ class Settings(BaseSettings):
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0)
-    max_sessions: int = Field(100_000, ge=1, description="live sessions a replica holds; more -> 503")
+    max_sessions: int = Field(
+        100_000, ge=1, description="live sessions the store holds (with Redis: across all replicas); more -> 503"
+    )
     sweep_interval_seconds: float = Field(30.0, gt=0)
 
     max_batch: int = Field(256, ge=1, description="largest micro-batch of session steps")

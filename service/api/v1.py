@@ -123,7 +123,7 @@ async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
             422, "too_many_steps", f"{len(items)} steps in one request; at most {engine.settings.max_steps_per_request}"
         )
     record = await engine.load(session_id, owner)
-    image_size = engine.served(record.model).model.config.image_size
+    image_size = engine.served_for(record).model.config.image_size
     digest = hashlib.sha256()
     inputs = []
     for item in items:

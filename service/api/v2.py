@@ -17,7 +17,6 @@ client's label order: the engine answers in slot order, and the i-th distinct la
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -41,7 +40,7 @@ from service.errors import APIError, is_protocol_path, v2_error_response
 from service.images import decode_png_async, pixels_array, to_model_input
 from service.logs import log
 from service.registry import ServedModel
-from service.sessions.store import SessionRecord
+from service.sessions.store import SessionExists, SessionRecord
 
 VERSION = "1"  # every model is served as version "1"
 EXTENSIONS = ["binary_tensor_data", "sequence"]
@@ -368,12 +367,17 @@ def inference_response(
 
 async def open_sequence(engine: SessionEngine, session_id: str, model: str, owner: str) -> SessionRecord:
     """sequence_start: a fresh episode under this ID, replacing a live one."""
-    try:
-        return await engine.reset(session_id, owner)
-    except APIError as exc:
-        if exc.code != "session_not_found":
-            raise
-    return await engine.create(model, None, owner, session_id)
+    for _ in range(2):  # a racing sequence_start may create it between our reset and create
+        try:
+            return await engine.reset(session_id, owner)
+        except APIError as exc:
+            if exc.code != "session_not_found":
+                raise
+        try:
+            return await engine.create(model, None, owner, session_id)
+        except SessionExists:
+            continue
+    raise unavailable("the sequence is being started by another request; retry")
 
 
 async def step_in_order(
@@ -452,14 +456,9 @@ async def server_live() -> Response:
 async def server_ready(request: Request) -> Response:
     """OIP "Server Ready": models loaded and the session store reachable; 503 otherwise."""
     engine: SessionEngine | None = getattr(request.app.state, "engine", None)
-    if engine is None or engine.draining:
-        raise V2Error(503, "the service is starting or shutting down")
-    try:
-        reachable = await asyncio.wait_for(engine.store.ping(), engine.settings.redis_timeout_seconds)
-    except Exception:
-        reachable = False
-    if not reachable:
-        raise V2Error(503, "the session store is unreachable")
+    reason = "the service is starting" if engine is None else await engine.not_ready_reason()
+    if reason is not None:
+        raise V2Error(503, reason)
     return Response(status_code=200)
 
 

@@ -16,7 +16,7 @@ class TooManyLabels(ValueError):
 
 
 def label_key(label: Label) -> str:
-    """A hashable identity that keeps 1 and "1" apart (JSON does) and bools out."""
+    """A hashable identity that keeps 1 and "1" apart, as JSON does (the request schema keeps bools out)."""
     return f"i:{label}" if isinstance(label, int) else f"s:{label}"
 
 

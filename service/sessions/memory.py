@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull
+from service.sessions.store import OwnerLimit, SessionExists, SessionRecord, SessionStore, StoreFull
 
 
 class MemoryStore(SessionStore):
@@ -28,6 +28,11 @@ class MemoryStore(SessionStore):
                 raise StoreFull
             if max_per_owner is not None and self._per_owner[record.owner] >= max_per_owner:
                 raise OwnerLimit
+        current = self._records.get(record.session_id)
+        if current is not None and not current.is_expired():
+            raise SessionExists(record.session_id)
+        if current is not None:
+            self._remove(record.session_id)
         self._records[record.session_id] = record
         self._per_owner[record.owner] += 1
 

@@ -14,7 +14,8 @@ replicas racing on one session never both apply a step, and nothing is ever half
 Reads and commits issued concurrently by the micro-batched requests of one replica are
 coalesced into one pipeline per event-loop turn, so a batch costs one round trip, not one
 per session. Every operation is bounded by ``timeout``; past it, or when Redis cannot be
-reached, it raises ``StoreUnavailable`` and has written nothing.
+reached, it raises ``StoreUnavailable``: a read or refused write changed nothing, and a commit
+whose answer timed out may have landed (clients that send their expected step index retry safely).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.sessions.codec import decode_record, encode_header
-from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable
+from service.sessions.store import OwnerLimit, SessionExists, SessionRecord, SessionStore, StoreFull, StoreUnavailable
 
 # KEYS: session key, index, owner index.
 # ARGV: id, version, header, state, ttl ms, expires at, now, max sessions, max per owner (0: none)
@@ -143,7 +144,7 @@ class RedisStore(SessionStore):
         if result == -2:
             raise OwnerLimit
         if result == 0:
-            raise StoreUnavailable("session id collision; retry")
+            raise SessionExists(record.session_id)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         key = self.key(session_id)
@@ -178,7 +179,16 @@ class RedisStore(SessionStore):
         return int(await self._call(self.client.zcount(self.index_key, time.time(), "+inf")))
 
     async def sweep(self) -> int:
-        return int(await self._call(self.client.zremrangebyscore(self.index_key, "-inf", time.time())))
+        """Drop expired entries from the live index and from every owner's index (Redis expires the records)."""
+
+        async def both() -> int:
+            now = time.time()
+            removed = await self.client.zremrangebyscore(self.index_key, "-inf", now)
+            async for key in self.client.scan_iter(match=f"{self.prefix}owner:*", count=1000):
+                await self.client.zremrangebyscore(key, "-inf", now)
+            return removed
+
+        return int(await self._call(both()))
 
     async def ping(self) -> bool:
         return bool(await self._call(self.client.ping()))

@@ -26,8 +26,14 @@ class OwnerLimit(Exception):
     """The owner (API key) holds as many live sessions as it may."""
 
 
+class SessionExists(Exception):
+    """``create`` with the ID of a live session (only caller-chosen IDs can collide: /v2 sequences)."""
+
+
 class StoreUnavailable(Exception):
-    """The store cannot be reached or did not answer in time; nothing was written."""
+    """The store cannot be reached or did not answer in time. A read or a refused write changed
+    nothing; a commit that timed out may or may not have landed, which is why clients that retry
+    send the step index they expect (a retry of a landed step then returns its stored result)."""
 
 
 def new_session_id() -> str:

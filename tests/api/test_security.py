@@ -102,3 +102,10 @@ def test_a_bad_checkpoint_stops_startup_naming_the_file(tmp_path):
     )
     assert result.returncode == 2
     assert f"{tmp_path}/model.safetensors" in result.stderr and "safetensors" in result.stderr
+
+
+async def test_without_keys_the_per_key_limit_does_not_apply(tiny_checkpoint):
+    async with app_client(api_settings(tiny_checkpoint, max_sessions_per_key=2, max_sessions=5)) as client:
+        statuses = [(await client.post("/v1/sessions")).status_code for _ in range(5)]
+        assert statuses == [201] * 5
+        assert (await client.post("/v1/sessions")).status_code == 503  # the store's own limit still holds

@@ -200,3 +200,33 @@ def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_pref
     gets, commits, committed = asyncio.run(scenario())
     assert (gets, commits) == (1, 1)
     assert all(committed)
+
+
+def test_unreadable_or_taken_records_are_refused_clearly(redis_url, redis_prefix, tiny_checkpoint):
+    from models import NTM, NTMConfig
+    from service.sessions.memory import MemoryStore
+    from service.sessions.store import SessionExists, SessionRecord
+
+    async def taken(store) -> bool:
+        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).detach()
+        record = SessionRecord("same-id", "default", "fp", state, 60.0, time.time() + 60)
+        await store.create(record)
+        try:
+            await store.create(record)
+        except SessionExists:
+            return True
+        finally:
+            await store.close()
+        return False
+
+    assert asyncio.run(taken(MemoryStore()))
+    assert asyncio.run(taken(RedisStore(redis_url, redis_prefix)))
+
+    env = {"NTM_MODELS": str(tiny_checkpoint), "NTM_STORE": redis_url, "NTM_REDIS_PREFIX": redis_prefix}
+    with server(env) as replica:
+        session = httpx.post(f"{replica.url}/v1/sessions").json()["session_id"]
+        client = redis.Redis.from_url(redis_url)
+        client.hset(f"{redis_prefix}s:{session}", "h", b'{"format": 99}')
+        client.close()
+        response = httpx.get(f"{replica.url}/v1/sessions/{session}")
+        assert response.status_code == 409 and response.json()["error"]["code"] == "state_incompatible"
