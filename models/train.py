@@ -248,7 +248,10 @@ class Trainer:
         return summary
 
     def _write(self, row: dict) -> None:
-        row = {"iteration": self.iteration, "episodes": self.episodes, "seconds": round(self.elapsed, 2), **row}
+        """One JSONL line; ``episodes`` is always the training episodes so far (an evaluation's own
+        episode count goes in ``eval_episodes``)."""
+        extra = {("eval_episodes" if key == "episodes" else key): value for key, value in row.items()}
+        row = {"iteration": self.iteration, "episodes": self.episodes, "seconds": round(self.elapsed, 2), **extra}
         self.log.write(json.dumps(row) + "\n")
         self.log.flush()
 

@@ -108,3 +108,11 @@ def test_compiled_training_matches_eager(omniglot_zip, tmp_path):
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 3
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_metrics_log_keeps_training_episodes_apart_from_evaluation_episodes(omniglot_zip, tmp_path):
+    Trainer(options(omniglot_zip, tmp_path, iterations=4, val_every=2, log_every=1, val_episodes=8)).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in rows if r["kind"] == "val"]
+    assert validation and all(r["eval_episodes"] == 8 for r in validation)
+    assert [r["episodes"] for r in validation] == [16, 32, 32]  # batch 8: training episodes at iterations 2, 4, end
