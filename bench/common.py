@@ -56,6 +56,11 @@ def interleaved_rates(
     return rates
 
 
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of already sorted values, nearest rank; NaN when empty."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

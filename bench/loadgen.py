@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.common import percentile
+
 RequestFactory = Callable[[int, int], bytes]  # (connection index, request index) -> request bytes
 
 
@@ -29,8 +31,7 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+        return percentile(sorted(self.latencies), q)
 
 
 def http_request(method: str, path: str, body: bytes = b"", host: str = "127.0.0.1") -> bytes:

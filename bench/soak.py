@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.common import fmt, machine_load, markdown_table, write_json
+from bench.common import fmt, machine_load, markdown_table, percentile, write_json
 from bench.loadgen import http_request, prepare_load_process
 from tests.servers import ServerProcess
 
@@ -213,9 +213,6 @@ class Soak:
         seconds = now - window.started
         latencies = sorted(window.step_latencies)
 
-        def pct(q: float) -> float:
-            return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
-
         queue.put(
             (
                 "window",
@@ -227,8 +224,8 @@ class Soak:
                     "requests_per_s": window.requests / seconds if seconds else 0.0,
                     "episodes": window.episodes,
                     "errors": window.errors,
-                    "p50_ms": pct(0.50),
-                    "p99_ms": pct(0.99),
+                    "p50_ms": 1000 * percentile(latencies, 0.50),
+                    "p99_ms": 1000 * percentile(latencies, 0.99),
                     "rss_bytes": memory["VmRSS"],
                     "hwm_bytes": memory["VmHWM"],
                     "live_sessions": live,
@@ -253,17 +250,14 @@ class Soak:
         await self.report(queue, final=True)
         latencies = sorted(self.all_step_latencies)
 
-        def pct(q: float) -> float:
-            return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
-
         queue.put(
             (
                 "done",
                 {
                     **self.totals,
                     "seconds": elapsed,
-                    "p50_ms": pct(0.50),
-                    "p99_ms": pct(0.99),
+                    "p50_ms": 1000 * percentile(latencies, 0.50),
+                    "p99_ms": 1000 * percentile(latencies, 0.99),
                     "max_ms": 1000 * latencies[-1] if latencies else float("nan"),
                     "error_samples": self.error_samples,
                 },
