@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import WEIGHTS_FILE, load_config, resolve_device, save_checkpoint
+from models.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, resolve_device, save_checkpoint
 from models.config import NTMConfig
 from models.data.episodes import EpisodeSampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
@@ -58,6 +58,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    init_from: Path | None = None
     stop_at: int | None = None
     stop_after_minutes: float | None = None
     log_every: int = 20
@@ -129,7 +130,12 @@ class Trainer:
         self.options = options
         self.device = resolve_device(options.device)
         torch.manual_seed(options.seed)
-        config = load_config(options.out) if options.resume else options.config
+        if options.resume:
+            config = load_config(options.out)
+        elif options.init_from is not None:
+            config = load_config(options.init_from)
+        else:
+            config = options.config
         self.config = config
         omniglot = load_omniglot(options.data, config.image_size)
         train_set = omniglot.select(options.validation_alphabets, exclude=True)
@@ -140,6 +146,8 @@ class Trainer:
         )
         self.val_data = val_set.as_array()
         self.model = NTM(config).to(self.device)
+        if options.init_from is not None and not options.resume:
+            self.model.load_state_dict(load_checkpoint(options.init_from).state_dict())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)
         # The whole 50-step episode as one compiled graph: about 2x the episodes/s on CPU after a
         # compile of a few minutes, worth it for long runs. Parameters stay those of self.model.
@@ -332,6 +340,13 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         help="continue the run in --out: weights, optimiser, RNG, iteration (give the run's options again)",
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="start from this checkpoint's config and weights (fine-tuning) with a fresh optimiser and schedule",
+    )
+    parser.add_argument(
         "--stop-at", type=int, default=None, help="checkpoint and stop at this iteration, as if interrupted"
     )
     parser.add_argument(
@@ -374,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         seed=args.seed,
         device=args.device,
         resume=args.resume,
+        init_from=args.init_from,
         stop_at=args.stop_at,
         stop_after_minutes=args.stop_after_minutes,
         progress=not args.no_progress,

@@ -116,3 +116,15 @@ def test_metrics_log_keeps_training_episodes_apart_from_evaluation_episodes(omni
     validation = [r for r in rows if r["kind"] == "val"]
     assert validation and all(r["eval_episodes"] == 8 for r in validation)
     assert [r["episodes"] for r in validation] == [16, 32, 32]  # batch 8: training episodes at iterations 2, 4, end
+
+
+def test_init_from_starts_with_the_checkpoint_weights_and_a_fresh_schedule(omniglot_zip, tmp_path):
+    Trainer(options(omniglot_zip, tmp_path / "base", iterations=10, val_every=1000)).run()
+    base = load_checkpoint(tmp_path / "base")
+    other = NTMConfig(memory_slots=8, memory_width=4, hidden_size=16)
+    tuned = Trainer(options(omniglot_zip, tmp_path / "tuned", config=other, init_from=tmp_path / "base", iterations=5))
+    assert tuned.config == TINY and tuned.iteration == 0
+    for name, value in base.state_dict().items():
+        assert torch.equal(tuned.model.state_dict()[name], value), name
+    tuned.run()
+    assert load_checkpoint(tmp_path / "tuned").config == TINY
