@@ -117,7 +117,7 @@ def redis_memory(url: str, sessions: int) -> dict:
 
     prefix = f"ntmbench-mem:{os.getpid()}:"
     client = redis_sync.Redis.from_url(url)
-    state = NTM(NTMConfig()).initial_state(1).detach()
+    state = NTM(NTMConfig()).initial_state(1).sessions()[0]
 
     async def fill() -> None:
         store = RedisStore(url, prefix, timeout=30)

@@ -68,25 +68,106 @@ class NTMState:
         """Bit-for-bit equality of every tensor."""
         return all(torch.equal(a, b) for a, b in zip(self.tensors(), other.tensors(), strict=True))
 
+    @property
+    def layout(self) -> StateLayout:
+        _, slots, width = self.memory.shape
+        return StateLayout(slots, width, self.read.shape[1], self.weights.shape[1], self.h.shape[1])
+
+    def pack(self) -> torch.Tensor:
+        """All sessions' tensors side by side: [B, layout.size], in field order, one copy."""
+        batch = self.batch_size
+        return torch.cat([t.reshape(batch, -1) for t in self.tensors()], dim=1)
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, layout: StateLayout) -> NTMState:
+        """The inverse of ``pack``: views into ``flat`` [B, layout.size], no copy."""
+        batch = flat.shape[0]
+        parts = torch.split(flat, layout.sizes, dim=1)
+        return cls(*(part.reshape(batch, *shape) for part, shape in zip(parts, layout.shapes, strict=True)))
+
+    def sessions(self) -> list[PackedState]:
+        """One ``PackedState`` per session, each owning its own storage (one copy per session)."""
+        layout = self.layout
+        return [PackedState(row.clone(), layout) for row in self.pack().to("cpu").unbind(0)]
+
     def to_bytes(self) -> bytes:
-        """Compact little-endian encoding of a batch-1 state: a 24-byte header + raw float32.
+        """``PackedState.to_bytes`` of a batch-1 state."""
+        if self.batch_size != 1:
+            raise ValueError(f"to_bytes encodes one session, got batch size {self.batch_size}")
+        return self.sessions()[0].to_bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview, read_width: int | None = None) -> NTMState:
+        """Decode ``to_bytes`` output (a batch-1 state); ``read_width`` defaults to the memory width."""
+        return PackedState.from_bytes(data, read_width).unpack()
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The per-session shapes of a state's tensors, in ``NTMState`` field order."""
+
+    slots: int
+    width: int
+    read_width: int
+    heads: int
+    hidden: int
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.slots, self.width), (self.read_width,), (self.heads, self.slots), (self.hidden,), (self.hidden,))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]  # Python ints: no int64 wrap-around on a hostile header
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class PackedState:
+    """One session's state as a single float32 vector [layout.size]: what the service stores.
+
+    Stacking a batch of them is one ``torch.stack`` and splitting the result one ``clone`` per
+    session, where ``NTMState`` needs one operation per tensor per session on both sides.
+    """
+
+    data: torch.Tensor
+    layout: StateLayout
+
+    @staticmethod
+    def stack(states: list[PackedState]) -> NTMState:
+        """A batch of sessions (all of one layout) as an ``NTMState`` of views into one new tensor."""
+        if not states:
+            raise ValueError("cannot stack an empty list of states")
+        layout = states[0].layout
+        if any(s.layout != layout for s in states):
+            raise ValueError("cannot stack states of different layouts")
+        return NTMState.unpack(torch.stack([s.data for s in states]), layout)
+
+    def unpack(self) -> NTMState:
+        """This session as an ``NTMState`` of batch size 1."""
+        return NTMState.unpack(self.data.reshape(1, -1), self.layout)
+
+    def equal(self, other: PackedState) -> bool:
+        return self.layout == other.layout and torch.equal(self.data, other.data)
+
+    def to_bytes(self) -> bytes:
+        """Compact little-endian encoding: a 24-byte header + raw float32.
 
         For the default config (128 x 40 memory, hidden 200) that is 24 + 4 * 5,816 = 23,288
         bytes. Round-trips bit-identically through ``from_bytes``.
         """
-        if self.batch_size != 1:
-            raise ValueError(f"to_bytes encodes one session, got batch size {self.batch_size}")
-        _, slots, width = self.memory.shape
-        heads = self.weights.shape[1]
-        header = _HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, 0, slots, width, self.h.shape[1], heads)
-        body = b"".join(
-            t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
-            for t in self.tensors()
+        lay = self.layout
+        header = _HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, 0, lay.slots, lay.width, lay.hidden, lay.heads)
+        return (
+            header
+            + self.data.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
         )
-        return header + body
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, read_width: int | None = None) -> NTMState:
+    def from_bytes(cls, data: bytes | bytearray | memoryview, read_width: int | None = None) -> PackedState:
         """Decode ``to_bytes`` output; ``read_width`` defaults to the memory width."""
         if len(data) < _HEADER.size:
             raise StateFormatError("state bytes shorter than the header")
@@ -95,14 +176,9 @@ class NTMState:
             raise StateFormatError(f"not an NTM state of format version {STATE_FORMAT_VERSION}")
         if read_width is None:
             read_width = width if heads else 0
-        shapes = [(1, slots, width), (1, read_width), (1, heads, slots), (1, hidden), (1, hidden)]
-        sizes = [math.prod(s) for s in shapes]  # Python ints: np.prod wraps around int64 on a hostile header
-        expected = _HEADER.size + 4 * sum(sizes)
+        layout = StateLayout(slots, width, read_width, heads, hidden)
+        expected = _HEADER.size + 4 * layout.size
         if len(data) != expected:
             raise StateFormatError(f"state bytes have length {len(data)}, expected {expected}")
         flat = np.frombuffer(data, dtype="<f4", offset=_HEADER.size).astype(np.float32)
-        tensors, start = [], 0
-        for shape, size in zip(shapes, sizes, strict=True):
-            tensors.append(torch.from_numpy(flat[start : start + size].reshape(shape).copy()))
-            start += size
-        return cls(*tensors)
+        return cls(torch.from_numpy(flat), layout)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import v1, v2
+from service.api.fastpath import StepFastPath
 from service.auth import APIKeyMiddleware, configured_keys
 from service.engine import SessionEngine
 from service.errors import error_response, install_error_handlers
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.active_sessions.set(await engine.store.count())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(StepFastPath, api=app)
     keys = configured_keys(settings)
     if keys:
         app.add_middleware(APIKeyMiddleware, keys=keys, protect_metrics=settings.metrics_require_key)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from models import NTM, NTMState
+from models import NTM, PackedState
 
 
 @dataclass
 class _Pending:
-    state: NTMState
+    state: PackedState
     image: torch.Tensor  # [S, S]
     label_slot: int
     future: asyncio.Future
@@ -57,7 +57,7 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    async def step(self, state: NTMState, image: torch.Tensor, label_slot: int) -> tuple[torch.Tensor, NTMState]:
+    async def step(self, state: PackedState, image: torch.Tensor, label_slot: int) -> tuple[torch.Tensor, PackedState]:
         """One step of one session: (probabilities [num_ways], new state of batch 1)."""
         if self._closed:
             raise BatcherClosed("the model is shutting down")
@@ -117,13 +117,15 @@ class MicroBatcher:
         try:
             with torch.inference_mode():
                 device = self.model.device
-                states = NTMState.stack([p.state for p in batch]).to(device)
+                states = PackedState.stack([p.state for p in batch]).to(device)
                 images = torch.stack([p.image for p in batch]).to(device)
                 labels = self.model.label_input(torch.tensor([p.label_slot for p in batch], device=device))
                 logits, new_states = self.model.step(states, images, labels)
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
-                parts = new_states.to("cpu").split()
-            results: list[tuple[torch.Tensor, NTMState] | BaseException] = list(zip(probabilities, parts, strict=True))
+                parts = new_states.sessions()
+            results: list[tuple[torch.Tensor, PackedState] | BaseException] = list(
+                zip(probabilities, parts, strict=True)
+            )
         except Exception as exc:  # a failing batch fails its requests, never the worker
             results = [exc] * len(batch)
         if self._observe is not None:

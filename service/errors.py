@@ -72,16 +72,24 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
 
 
+def api_error_response(exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, "invalid_request", _describe(list(exc.errors())))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, FastAPI's own included, leaves in the one shape."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _describe(list(exc.errors())))
+        return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

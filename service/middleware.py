@@ -5,6 +5,7 @@ Pure ASGI (not BaseHTTPMiddleware) because it sits on the hot path of every step
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 
@@ -13,6 +14,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import error_response_for
 from service.logs import log, request_id
 from service.metrics import Metrics
+
+_PROCESS_TAG = secrets.token_hex(4)  # a random tag per process, so IDs differ across replicas and restarts
+_sequence = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request ID unique across processes: the process tag and a counter (no syscall per request)."""
+    return f"{_PROCESS_TAG}-{next(_sequence):x}"
 
 
 class BodyTooLarge(Exception):
@@ -28,7 +37,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or secrets.token_hex(8)
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = {"code": 500, "sent": False, "over_limit": False}

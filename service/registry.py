@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models import NTM, NTMState, load_checkpoint
+from models import NTM, PackedState, load_checkpoint
 from models.checkpoint import resolve_device
 from service.batching import MicroBatcher
 
@@ -20,7 +20,7 @@ class ServedModel:
     model: NTM
     fingerprint: str
     batcher: MicroBatcher
-    initial_state: NTMState
+    initial_state: PackedState
     default: bool
 
     @property
@@ -65,7 +65,7 @@ class ModelRegistry:
             model = load_checkpoint(path, target)
             name = _model_name(Path(path), set(models))
             with torch.inference_mode():
-                initial = model.initial_state(1).to("cpu")
+                initial = model.initial_state(1).sessions()[0]
             observe = observer_for(name) if observer_for is not None else None
             batcher = MicroBatcher(model, max_batch, max_wait, observe, name)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)

@@ -28,7 +28,10 @@ from service.engine import SessionEngine, StepInput, iso_time
 from service.errors import APIError
 from service.images import decode_png_async, pixels_array, to_model_input
 
-SessionId = Annotated[str, Path(min_length=1, max_length=64, description="the ID from POST /v1/sessions")]
+SESSION_ID_MAX_LENGTH = 64
+SessionId = Annotated[
+    str, Path(min_length=1, max_length=SESSION_ID_MAX_LENGTH, description="the ID from POST /v1/sessions")
+]
 ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 503)}
 
 router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
@@ -109,11 +112,19 @@ STEP_BODY_DOC = {
     openapi_extra=STEP_BODY_DOC,
 )
 async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
-    """The hot path: the body is parsed and validated in one pass (pydantic-core), without FastAPI's body machinery."""
-    engine: SessionEngine = request.app.state.engine
-    owner = get_owner(request)
+    """Documents the step route; requests are answered by ``service.api.fastpath`` (see ``run_steps``)."""
+    result = await run_steps(request.app.state.engine, get_owner(request), session_id, await request.body())
+    return JSONResponse(result)
+
+
+async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes) -> dict:
+    """The step route's work, from the raw JSON body to the response body.
+
+    The body is parsed and validated in one pass (pydantic-core); the images are decoded and
+    preprocessed before the session is touched, so bad input never reaches the model.
+    """
     try:
-        body = STEP_REQUEST.validate_json(await request.body())
+        body = STEP_REQUEST.validate_json(raw_body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     batch = isinstance(body, StepsIn)
@@ -132,7 +143,7 @@ async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
         digest.update(gray.tobytes())
         inputs.append(StepInput(to_model_input(gray, image_size), item.label, item.step))
     results = await engine.step(session_id, inputs, digest.hexdigest(), owner)
-    return JSONResponse({"results": results} if batch else results[0])
+    return {"results": results} if batch else results[0]
 
 
 @router.post(

@@ -2,7 +2,7 @@
 
 Header (format version 1): the record's fields but the state, so a replica can refuse a
 state made by other weights (``fingerprint``) before decoding it, and answer a retry from
-``last_response``. The state is ``NTMState.to_bytes`` (23,288 bytes for the default model).
+``last_response``. The state is ``PackedState.to_bytes`` (23,288 bytes for the default model).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from models import NTMState
+from models import PackedState
 from service.sessions.store import SessionRecord
 
 RECORD_FORMAT_VERSION = 1
@@ -33,6 +33,6 @@ def decode_record(header: bytes, state: bytes) -> SessionRecord:
     if not isinstance(fields, dict) or fields.pop("format", None) != RECORD_FORMAT_VERSION:
         raise RecordFormatError("session header of an unknown format version")
     try:
-        return SessionRecord(state=NTMState.from_bytes(state), **fields)
+        return SessionRecord(state=PackedState.from_bytes(state), **fields)
     except (TypeError, ValueError) as exc:
         raise RecordFormatError(f"unreadable session record: {exc}") from None

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from models import NTMState
+from models import PackedState
 from service.sessions.labels import Label
 
 
@@ -53,7 +53,7 @@ class SessionRecord:
     session_id: str
     model: str
     fingerprint: str
-    state: NTMState
+    state: PackedState
     ttl_seconds: float
     expires_at: float
     owner: str = ""

@@ -149,7 +149,7 @@ def test_records_are_compact_and_ttl_refreshes_on_commit(redis_url, redis_prefix
 
     async def scenario() -> tuple[int, int, int, bool, bool]:
         store = RedisStore(redis_url, redis_prefix)
-        state = NTM(NTMConfig()).initial_state(1).detach()
+        state = NTM(NTMConfig()).initial_state(1).sessions()[0]
         record = SessionRecord("s1", "default", "fp", state, 100.0, time.time() + 100, labels=["a", 3])
         await store.create(record)
         await store.client.pexpire(store.key("s1"), 5_000)
@@ -177,7 +177,7 @@ def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_pref
 
     async def scenario() -> tuple[int, int, list[bool]]:
         store = RedisStore(redis_url, redis_prefix)
-        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).detach()
+        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
         records = [SessionRecord(f"p{i}", "default", "fp", state, 60.0, time.time() + 60) for i in range(16)]
         for record in records:
             await store.create(record)
@@ -208,7 +208,7 @@ def test_unreadable_or_taken_records_are_refused_clearly(redis_url, redis_prefix
     from service.sessions.store import SessionExists, SessionRecord
 
     async def taken(store) -> bool:
-        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).detach()
+        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
         record = SessionRecord("same-id", "default", "fp", state, 60.0, time.time() + 60)
         await store.create(record)
         try:
