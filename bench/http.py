@@ -36,12 +36,14 @@ TARGETS = {"single_client_p50_ms": 2.0, "sessions_vs_healthz": 0.40, "batch_step
 
 
 def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
-    """A 28x28 step body: the image as a pixel array or as base64 PNG."""
+    """A 28x28 step body: the image as a pixel array, base64 PNG or base64 raw gray levels (gray8)."""
     gray = np.random.default_rng(seed).integers(0, 256, size=(28, 28))
     if image == "png":
         buffer = io.BytesIO()
         Image.fromarray(gray.astype(np.uint8), mode="L").save(buffer, "PNG")
         body: dict = {"image": {"png": base64.b64encode(buffer.getvalue()).decode()}}
+    elif image == "gray8":
+        body = {"image": {"gray8": base64.b64encode(gray.astype(np.uint8).tobytes()).decode(), "shape": [28, 28]}}
     else:
         body = {"image": {"pixels": gray.tolist()}}
     if label is not None:
@@ -159,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image",
         nargs="+",
-        choices=["pixels", "png"],
-        default=["pixels", "png"],
+        choices=["pixels", "png", "gray8"],
+        default=["pixels", "png", "gray8"],
         help="step image encodings to measure",
     )
     parser.add_argument("--json", type=Path, default=None)

@@ -1,13 +1,17 @@
 """The micro-batcher: pending steps of different sessions go through the model together.
 
-Requests put (state, image, label input) on a queue and await a future. One worker thread
-takes what is queued (at most ``max_batch``), stacks the states, runs ``NTM.step`` once under
-``torch.inference_mode`` and hands each session its probabilities and new state.
+A request hands the batcher a job: one session's state and the T steps to run from it (the
+images and each step's label input, all known before the model runs, since a step's label
+input is the previous step's label slot). One worker thread keeps a set of active jobs, at
+most ``max_batch``; each model call runs the next step of every active job, stacked into one
+batch under ``torch.inference_mode``. A job leaves the set when its last step is done, and
+only then is its request woken, with every step's probabilities and the final state. So a
+request of T steps costs the event loop one wake-up, not T, and a batch never holds two
+steps of one session.
 
-A lone client adds no latency: when the previous batch held a single step, the worker runs
-what it has at once. Under concurrent load (the previous batch held several), it waits up to
-``max_wait`` for the batch to fill. The API holds a per-session lock while a step is pending,
-so a batch never holds two steps of one session.
+A lone client adds no latency: when the previous model call held a single step, the worker
+runs what it has at once. Under concurrent load it waits up to ``max_wait`` for new jobs
+before a batch of fresh jobs, and never while jobs are under way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,13 +29,18 @@ from models import NTM, PackedState
 
 
 @dataclass
-class _Pending:
+class _Job:
     state: PackedState
-    image: torch.Tensor  # [S, S]
-    label_slot: int
+    images: list[torch.Tensor]  # T images [S, S]
+    label_slots: list[int]  # T label inputs: the slot of the previous step's label, -1 for none
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    probabilities: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.probabilities) == len(self.images)
 
 
 class BatcherClosed(RuntimeError):
@@ -52,90 +61,113 @@ class MicroBatcher:
         self.model = model
         self.max_batch, self.max_wait = max_batch, max_wait
         self._observe = observe  # (batch size, longest queue wait, compute seconds)
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    async def step(self, state: PackedState, image: torch.Tensor, label_slot: int) -> tuple[torch.Tensor, PackedState]:
-        """One step of one session: (probabilities [num_ways], new state of batch 1)."""
+    async def run(
+        self, state: PackedState, images: list[torch.Tensor], label_slots: list[int]
+    ) -> tuple[torch.Tensor, PackedState]:
+        """T successive steps of one session: (probabilities [T, num_ways], the state after the last)."""
+        if len(images) != len(label_slots) or not images:
+            raise ValueError("a job needs one label input per image, and at least one image")
         if self._closed:
             raise BatcherClosed("the model is shutting down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Pending(state, image, label_slot, future, loop, time.perf_counter()))
+        self._queue.put(_Job(state, images, label_slots, future, loop, time.perf_counter()))
         return await future
 
+    async def step(self, state: PackedState, image: torch.Tensor, label_slot: int) -> tuple[torch.Tensor, PackedState]:
+        """One step of one session: (probabilities [num_ways], new state)."""
+        probabilities, state = await self.run(state, [image], [label_slot])
+        return probabilities[0], state
+
     def close(self) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Finish the jobs under way, then stop the worker; jobs still queued fail with BatcherClosed."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._thread.join(timeout=30)
 
-    def _collect(self, first: _Pending, busy: bool) -> tuple[list[_Pending], bool]:
-        batch, stop = [first], False
-        deadline = time.perf_counter() + (self.max_wait if busy else 0.0)
-        while len(batch) < self.max_batch:
+    def _admit(self, active: list[_Job], wait: bool) -> bool:
+        """Move queued jobs into ``active`` (up to ``max_batch``); True once the close sentinel is seen."""
+        deadline = time.perf_counter() + (self.max_wait if wait else 0.0)
+        while len(active) < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
+                return False
+            if job is None:
+                return True
+            active.append(job)
+        return False
 
     def _run(self) -> None:
         # Sharp addressing weights underflow into denormals, whose arithmetic is ~4x slower. The
         # flag is per thread (x86 MXCSR), so it is set here, for the model's thread only.
         torch.set_flush_denormal(True)
-        busy, stop = False, False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch, stop = self._collect(first, busy)
-            busy = len(batch) > 1
-            self._compute(batch)
+        active: list[_Job] = []
+        busy = closing = False
+        while active or not closing:
+            if not active:
+                first = self._queue.get()
+                if first is None:
+                    break
+                active.append(first)
+                closing = self._admit(active, wait=busy)
+            elif not closing:
+                closing = self._admit(active, wait=False)
+            busy = len(active) > 1
+            active = self._compute(active)
         self._fail_leftovers()
 
     def _fail_leftovers(self) -> None:
         while True:
             try:
-                item = self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                item.loop.call_soon_threadsafe(_resolve, item.future, BatcherClosed("the model is shutting down"))
+            if job is not None:
+                job.loop.call_soon_threadsafe(_resolve, job.future, BatcherClosed("the model is shutting down"))
 
-    def _compute(self, batch: list[_Pending]) -> None:
+    def _compute(self, active: list[_Job]) -> list[_Job]:
+        """One model call over the next step of every active job; returns the jobs still under way."""
         started = time.perf_counter()
-        wait = started - min(p.enqueued for p in batch)
+        fresh = [job.enqueued for job in active if not job.probabilities]
+        wait = started - min(fresh) if fresh else 0.0
+        finished: list[tuple[_Job, object]] = []
         try:
             with torch.inference_mode():
                 device = self.model.device
-                states = PackedState.stack([p.state for p in batch]).to(device)
-                images = torch.stack([p.image for p in batch]).to(device)
-                labels = self.model.label_input(torch.tensor([p.label_slot for p in batch], device=device))
-                logits, new_states = self.model.step(states, images, labels)
+                states = PackedState.stack([job.state for job in active]).to(device)
+                t = [len(job.probabilities) for job in active]
+                images = torch.stack([job.images[i] for job, i in zip(active, t, strict=True)]).to(device)
+                slots = torch.tensor([job.label_slots[i] for job, i in zip(active, t, strict=True)], device=device)
+                logits, new_states = self.model.step(states, images, self.model.label_input(slots))
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
                 parts = new_states.sessions()
-            results: list[tuple[torch.Tensor, PackedState] | BaseException] = list(
-                zip(probabilities, parts, strict=True)
-            )
+            remaining = []
+            for job, probs, state in zip(active, probabilities, parts, strict=True):
+                job.probabilities.append(probs)
+                job.state = state
+                if job.done:
+                    finished.append((job, (torch.stack(job.probabilities), state)))
+                else:
+                    remaining.append(job)
         except Exception as exc:  # a failing batch fails its requests, never the worker
-            results = [exc] * len(batch)
+            finished, remaining = [(job, exc) for job in active], []
         if self._observe is not None:
-            self._observe(len(batch), wait, time.perf_counter() - started)
-        # One wake-up per event loop for the whole batch, not one per session.
+            self._observe(len(active), wait, time.perf_counter() - started)
+        # One wake-up per event loop for all the jobs finished here, not one per session.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
-        for pending, result in zip(batch, results, strict=True):
-            by_loop.setdefault(pending.loop, []).append((pending.future, result))
+        for job, result in finished:
+            by_loop.setdefault(job.loop, []).append((job.future, result))
         for loop, outcomes in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, outcomes)
+        return remaining
 
 
 def _resolve_all(outcomes: list[tuple[asyncio.Future, object]]) -> None:

@@ -240,35 +240,40 @@ class SessionEngine:
         self, record: SessionRecord, inputs: list[StepInput], digest: str
     ) -> tuple[SessionRecord, list[dict]]:
         served = self.served_for(record)
+        # The label inputs and slots of every step are known before the model runs (the i-th
+        # distinct label takes slot i), so all the steps go to the batcher as one job, and a
+        # label past the model's slots is refused before any step runs.
+        labels, pending = record.labels, record.pending_slot
+        label_inputs, plan = [], []
+        for item in inputs:
+            label_inputs.append(pending)
+            before, slot = labels, None
+            if item.label is not None:
+                try:
+                    slot, labels = slots.assign(labels, item.label, served.num_ways)
+                except slots.TooManyLabels as exc:
+                    raise APIError(422, "too_many_labels", str(exc), labels_in_use=exc.in_use) from None
+            pending = -1 if slot is None else slot
+            plan.append((before, labels, slot))
         try:
-            slots.check_capacity(record.labels, [i.label for i in inputs if i.label is not None], served.num_ways)
-        except slots.TooManyLabels as exc:
-            raise APIError(422, "too_many_labels", str(exc), labels_in_use=exc.in_use) from None
-        state, labels, pending = record.state, record.labels, record.pending_slot
+            probabilities, state = await served.batcher.run(record.state, [i.image for i in inputs], label_inputs)
+        except BatcherClosed:
+            raise unavailable("the server is shutting down") from None
         labeled, correct = record.labeled_steps, record.correct_steps
         results = []
-        for offset, item in enumerate(inputs):
-            try:
-                probabilities, state = await served.batcher.step(state, item.image, pending)
-            except BatcherClosed:
-                raise unavailable("the server is shutting down") from None
-            probs = probabilities.tolist()
+        for offset, (probs, (before, after, slot)) in enumerate(zip(probabilities.tolist(), plan, strict=True)):
             top = max(range(len(probs)), key=probs.__getitem__)
-            novelty = min(1.0, sum(p for slot, p in enumerate(probs) if slot >= len(labels)))
-            prediction = labels[top] if top < len(labels) else None
-            pending = -1
-            if item.label is not None:
-                pending, labels = slots.assign(labels, item.label, served.num_ways)
+            if slot is not None:
                 labeled += 1
-                correct += int(top == pending)
+                correct += int(top == slot)
             results.append(
                 {
                     "step": record.steps + offset,
                     "probabilities": probs,
-                    "labels": [*labels, *[None] * (served.num_ways - len(labels))],
-                    "prediction": prediction,
+                    "labels": [*after, *[None] * (served.num_ways - len(after))],
+                    "prediction": before[top] if top < len(before) else None,
                     "predicted_slot": top,
-                    "novelty": novelty,
+                    "novelty": min(1.0, sum(p for s, p in enumerate(probs) if s >= len(before))),
                 }
             )
         new_record = replace(
@@ -283,7 +288,8 @@ class SessionEngine:
             last_request=digest,
             last_request_start=record.steps,
             last_response=results,
-        ).touched()
+            expires_at=time.time() + record.ttl_seconds,  # touched, in the same copy
+        )
         return new_record, results
 
     def describe(self, record: SessionRecord) -> dict:

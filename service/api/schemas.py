@@ -22,15 +22,16 @@ EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255
 
 
 class ImageIn(BaseModel):
-    """Grayscale, dark strokes on a light background, up to 512x512: exactly one of png or pixels."""
+    """Grayscale, dark strokes on a light background, up to 512x512: exactly one of png, pixels or gray8."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [{"pixels": EXAMPLE_PIXELS}],
             "oneOf": [
-                {"required": ["png"], "not": {"required": ["pixels"]}},
-                {"required": ["pixels"], "not": {"required": ["png"]}},
+                {"required": ["png"], "not": {"anyOf": [{"required": ["pixels"]}, {"required": ["gray8"]}]}},
+                {"required": ["pixels"], "not": {"anyOf": [{"required": ["png"]}, {"required": ["gray8"]}]}},
+                {"required": ["gray8", "shape"], "not": {"anyOf": [{"required": ["png"]}, {"required": ["pixels"]}]}},
             ],
         },
     )
@@ -47,10 +48,21 @@ class ImageIn(BaseModel):
         },
     )
 
+    gray8: str | None = Field(
+        None,
+        description="base64 of the raw gray levels, one byte per pixel, row by row (NumPy: "
+        "base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",
+    )
+    shape: list[StrictInt] | None = Field(
+        None, min_length=2, max_length=2, description="[height, width] of gray8 (only with gray8)"
+    )
+
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageIn:
-        if (self.png is None) == (self.pixels is None):
-            raise ValueError("give exactly one of png or pixels")
+        if sum(form is not None for form in (self.png, self.pixels, self.gray8)) != 1:
+            raise ValueError("give exactly one of png, pixels or gray8")
+        if (self.gray8 is None) != (self.shape is None):
+            raise ValueError("gray8 needs shape [height, width], and shape goes only with gray8")
         return self
 
 

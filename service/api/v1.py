@@ -26,7 +26,7 @@ from service.api.schemas import (
 )
 from service.engine import SessionEngine, StepInput, iso_time
 from service.errors import APIError
-from service.images import decode_png_async, pixels_array, to_model_input
+from service.images import decode_gray8, decode_png_async, pixels_array, to_model_input
 
 SESSION_ID_MAX_LENGTH = 64
 SessionId = Annotated[
@@ -53,6 +53,8 @@ async def to_gray(image: ImageIn, max_side: int) -> np.ndarray:
     """The request image as 0-255 gray levels; a large PNG/JPEG is decoded off the event loop."""
     if image.png is not None:
         return await decode_png_async(image.png, max_side)
+    if image.gray8 is not None:
+        return decode_gray8(image.gray8, image.shape or [], max_side)
     return pixels_array(image.pixels or [], max_side)
 
 

@@ -37,10 +37,3 @@ def assign(labels: list[Label], label: Label, num_ways: int) -> tuple[int, list[
     if len(labels) >= num_ways:
         raise TooManyLabels(label, labels)
     return len(labels), [*labels, label]
-
-
-def check_capacity(labels: list[Label], new_labels: list[Label], num_ways: int) -> None:
-    """Raise TooManyLabels if applying ``new_labels`` in order would overflow the slots."""
-    current = labels
-    for label in new_labels:
-        _, current = assign(current, label, num_ways)

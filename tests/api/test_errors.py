@@ -40,6 +40,10 @@ def compact(body: Any) -> dict[str, Any]:
     return raw(json.dumps(body, separators=(",", ":")))
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def image(**fields: Any) -> dict[str, Any]:
     return {"json": {"image": fields}}
 
@@ -110,6 +114,18 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
     # shape of the request
     ("png-and-pixels", lambda: image(png=blank_png_base64(4, 4), pixels=[[0]]), 422, "invalid_request"),
     ("neither-png-nor-pixels", lambda: image(), 422, "invalid_request"),
+    # gray8: raw 8-bit gray levels with their shape
+    ("gray8-bad-base64", lambda: image(gray8="%%%", shape=[2, 2]), 422, "invalid_image"),
+    ("gray8-too-few-bytes", lambda: image(gray8=b64(bytes(3)), shape=[2, 2]), 422, "invalid_image"),
+    ("gray8-too-many-bytes", lambda: image(gray8=b64(bytes(5)), shape=[2, 2]), 422, "invalid_image"),
+    ("gray8-oversized", lambda: image(gray8=b64(bytes(513)), shape=[1, 513]), 422, "invalid_image"),
+    ("gray8-zero-side", lambda: image(gray8="", shape=[0, 4]), 422, "invalid_image"),
+    ("gray8-negative-side", lambda: image(gray8=b64(bytes(4)), shape=[-2, -2]), 422, "invalid_image"),
+    ("gray8-without-shape", lambda: image(gray8=b64(bytes(4))), 422, "invalid_request"),
+    ("gray8-shape-of-three", lambda: image(gray8=b64(bytes(8)), shape=[2, 2, 2]), 422, "invalid_request"),
+    ("gray8-float-shape", lambda: image(gray8=b64(bytes(4)), shape=[2.0, 2.0]), 422, "invalid_request"),
+    ("shape-without-gray8", lambda: image(pixels=[[0]], shape=[1, 1]), 422, "invalid_request"),
+    ("gray8-and-pixels", lambda: image(gray8=b64(bytes(1)), shape=[1, 1], pixels=[[0]]), 422, "invalid_request"),
     ("unknown-field", lambda: {"json": {**STEP, "colour": "red"}}, 422, "invalid_request"),
     ("unknown-image-field", lambda: image(pixels=[[0]], jpeg="x"), 422, "invalid_request"),
     ("batch-unknown-field", lambda: {"json": {"steps": [STEP], "colour": "red"}}, 422, "invalid_request"),
@@ -167,7 +183,8 @@ async def test_bad_image_messages_say_what_is_wrong(client: httpx.AsyncClient) -
         (image(pixels=[[300]]), "[0, 255]"),
         (image(pixels=[[0, 0], [0]]), "rectangular"),
         (image(png="%%%"), "base64"),
-        (image(), "exactly one of png or pixels"),
+        (image(), "exactly one of png, pixels or gray8"),
+        (image(gray8=b64(bytes(3)), shape=[2, 2]), "needs 4"),
         ({"json": {**STEP, "colour": "red"}}, "colour"),
         ({"json": {"steps": [STEP] * (MAX_STEPS_PER_REQUEST + 1)}}, str(MAX_STEPS_PER_REQUEST)),
     ]

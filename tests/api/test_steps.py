@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ EPISODE_LABELS: list[Any] = ["a", "b", "a", "c", None, "b", 1, "1", None, "c", 1
 
 
 def episode(seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """12 gray images (random 0-255 levels, mostly 28x28, some other sizes, one sent as a PNG) and their step bodies."""
+    """12 gray images (random 0-255 levels, mostly 28x28, some other sizes; one sent as a PNG, one as gray8) and their step bodies."""
     rng = np.random.default_rng(seed)
     shapes = [(28, 28)] * 9 + [(40, 31), (17, 17), (105, 105)]
     order = rng.permutation(len(shapes))
@@ -41,7 +42,12 @@ def episode(seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     for t, label in enumerate(EPISODE_LABELS):
         height, width = shapes[order[t]]
         gray = rng.integers(0, 256, size=(height, width))
-        image = {"png": png_base64(gray)} if t == 5 else {"pixels": gray.tolist()}
+        if t == 5:
+            image: dict[str, Any] = {"png": png_base64(gray)}
+        elif t == 7:
+            image = {"gray8": base64.b64encode(gray.astype(np.uint8).tobytes()).decode(), "shape": [height, width]}
+        else:
+            image = {"pixels": gray.tolist()}
         body: dict[str, Any] = {"image": image}
         if label is not None:
             body["label"] = label
@@ -110,6 +116,33 @@ async def test_interleaved_sessions_do_not_change_results(client: httpx.AsyncCli
     assert steps - steps_before == 6 * len(EPISODE_LABELS)
     assert calls - calls_before < steps - steps_before, "no model call held steps of two sessions"
     for (grays, _), results in zip(episodes, all_results, strict=True):
+        assert_matches_model(results, reference_probabilities(model, grays, EPISODE_LABELS))
+
+
+async def test_interleaved_batches_share_model_calls_and_keep_their_results(
+    client: httpx.AsyncClient, tiny_checkpoint: Path
+) -> None:
+    """Whole episodes in the batch form, six sessions at once: their steps run in shared model
+    calls (one step of each session per call), and each session gets exactly its own answer."""
+    model = load_checkpoint(tiny_checkpoint)
+    episodes = [episode(seed=200 + i) for i in range(6)]
+    session_ids = [await new_session(client) for _ in episodes]
+    calls_before, steps_before = await model_calls(client)
+
+    async def run_batch(session_id: str, bodies: list[dict[str, Any]]) -> list[dict]:
+        response = await client.post(f"/v1/sessions/{session_id}/steps", json={"steps": bodies})
+        assert response.status_code == 200, response.text
+        return response.json()["results"]
+
+    all_results = await asyncio.gather(
+        *(run_batch(sid, bodies) for sid, (_, bodies) in zip(session_ids, episodes, strict=True))
+    )
+    calls, steps = await model_calls(client)
+    assert steps - steps_before == 6 * len(EPISODE_LABELS)
+    assert calls - calls_before >= len(EPISODE_LABELS), "a model call never holds two steps of one session"
+    assert calls - calls_before < steps - steps_before, "some model call held steps of several sessions"
+    for (grays, _), results in zip(episodes, all_results, strict=True):
+        assert [r["step"] for r in results] == list(range(len(EPISODE_LABELS)))
         assert_matches_model(results, reference_probabilities(model, grays, EPISODE_LABELS))
 
 
