@@ -111,11 +111,9 @@ def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, re
         == 0
     )
     report = json.loads(out.read_text())
+    images = ["pixels", "png", "gray8"]
     assert [(r["store"], r["image"]) for r in report["results"]] == [
-        ("memory://", "pixels"),
-        ("memory://", "png"),
-        (store, "pixels"),
-        (store, "png"),
+        (s, i) for s in ("memory://", store) for i in images
     ]
     assert all(
         r["errors"] == 0 and r["sessions_steps_per_s"] > 0 and r["batch_steps_per_s"] > 0 for r in report["results"]
