@@ -148,14 +148,14 @@ class MicroBatcher:
                 slots = torch.tensor([job.label_slots[i] for job, i in zip(active, t, strict=True)], device=device)
                 logits, new_states = self.model.step(states, images, self.model.label_input(slots))
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
-                parts = new_states.sessions()
+                layout, rows = new_states.layout, new_states.pack().cpu().unbind(0)
             remaining = []
-            for job, probs, state in zip(active, probabilities, parts, strict=True):
+            for job, probs, row in zip(active, probabilities, rows, strict=True):
                 job.probabilities.append(probs)
-                job.state = state
-                if job.done:
-                    finished.append((job, (torch.stack(job.probabilities), state)))
-                else:
+                if job.done:  # the session keeps this state: a copy of its own, not a view of the batch
+                    finished.append((job, (torch.stack(job.probabilities), PackedState(row.clone(), layout))))
+                else:  # stacked again for the next step: a view is enough
+                    job.state = PackedState(row, layout)
                     remaining.append(job)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining = [(job, exc) for job in active], []
