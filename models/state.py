@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -112,15 +113,15 @@ class StateLayout:
     heads: int
     hidden: int
 
-    @property
+    @cached_property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return ((self.slots, self.width), (self.read_width,), (self.heads, self.slots), (self.hidden,), (self.hidden,))
 
-    @property
+    @cached_property
     def sizes(self) -> list[int]:
         return [math.prod(shape) for shape in self.shapes]  # Python ints: no int64 wrap-around on a hostile header
 
-    @property
+    @cached_property
     def size(self) -> int:
         return sum(self.sizes)
 
@@ -137,14 +138,14 @@ class PackedState:
     layout: StateLayout
 
     @staticmethod
-    def stack(states: list[PackedState]) -> NTMState:
-        """A batch of sessions (all of one layout) as an ``NTMState`` of views into one new tensor."""
+    def stack(states: list[PackedState], device: torch.device | str | None = None) -> NTMState:
+        """A batch of sessions (all of one layout) as an ``NTMState`` of views into one new tensor on ``device``."""
         if not states:
             raise ValueError("cannot stack an empty list of states")
         layout = states[0].layout
         if any(s.layout != layout for s in states):
             raise ValueError("cannot stack states of different layouts")
-        return NTMState.unpack(torch.stack([s.data for s in states]), layout)
+        return NTMState.unpack(torch.stack([s.data.to(device) for s in states]), layout)
 
     def unpack(self) -> NTMState:
         """This session as an ``NTMState`` of batch size 1."""

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            registry.close()
+            await asyncio.to_thread(registry.close)  # waits for the model threads: off the event loop
             await store.close()
             log.info("stopped")
 

@@ -17,6 +17,7 @@ before a batch of fresh jobs, and never while jobs are under way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import NTM, PackedState
+from service.logs import log
 
 
 @dataclass
@@ -85,7 +87,9 @@ class MicroBatcher:
         return probabilities[0], state
 
     def close(self) -> None:
-        """Finish the jobs under way, then stop the worker; jobs still queued fail with BatcherClosed."""
+        """Stop taking jobs, finish every job already queued or under way, then stop the worker.
+
+        Blocks until then (at most 30 s): call it off the event loop."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
@@ -131,7 +135,7 @@ class MicroBatcher:
             except queue.Empty:
                 return
             if job is not None:
-                job.loop.call_soon_threadsafe(_resolve, job.future, BatcherClosed("the model is shutting down"))
+                _wake(job.loop, _resolve, job.future, BatcherClosed("the model is shutting down"))
 
     def _compute(self, active: list[_Job]) -> list[_Job]:
         """One model call over the next step of every active job; returns the jobs still under way."""
@@ -142,32 +146,42 @@ class MicroBatcher:
         try:
             with torch.inference_mode():
                 device = self.model.device
-                states = PackedState.stack([job.state for job in active]).to(device)
+                states = PackedState.stack([job.state for job in active], device)
                 t = [len(job.probabilities) for job in active]
                 images = torch.stack([job.images[i] for job, i in zip(active, t, strict=True)]).to(device)
                 slots = torch.tensor([job.label_slots[i] for job, i in zip(active, t, strict=True)], device=device)
                 logits, new_states = self.model.step(states, images, self.model.label_input(slots))
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
-                layout, rows = new_states.layout, new_states.pack().cpu().unbind(0)
+                layout, rows = new_states.layout, new_states.pack().unbind(0)
             remaining = []
             for job, probs, row in zip(active, probabilities, rows, strict=True):
                 job.probabilities.append(probs)
-                if job.done:  # the session keeps this state: a copy of its own, not a view of the batch
-                    finished.append((job, (torch.stack(job.probabilities), PackedState(row.clone(), layout))))
-                else:  # stacked again for the next step: a view is enough
+                if job.done:  # the session keeps this state: a copy of its own in host memory, not a view
+                    state = PackedState(row.to("cpu", copy=True), layout)
+                    finished.append((job, (torch.stack(job.probabilities), state)))
+                else:  # stacked again for the next step: a view on the model's device is enough
                     job.state = PackedState(row, layout)
                     remaining.append(job)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining = [(job, exc) for job in active], []
         if self._observe is not None:
-            self._observe(len(active), wait, time.perf_counter() - started)
+            try:
+                self._observe(len(active), wait, time.perf_counter() - started)
+            except Exception:  # metrics never stop the model
+                log.exception("batch observer failed")
         # One wake-up per event loop for all the jobs finished here, not one per session.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
         for job, result in finished:
             by_loop.setdefault(job.loop, []).append((job.future, result))
         for loop, outcomes in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, outcomes)
+            _wake(loop, _resolve_all, outcomes)
         return remaining
+
+
+def _wake(loop: asyncio.AbstractEventLoop, callback: Callable, *args: object) -> None:
+    """Run ``callback`` on ``loop``; a loop closed since (its requests gone with it) is skipped."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _resolve_all(outcomes: list[tuple[asyncio.Future, object]]) -> None:

@@ -6,6 +6,7 @@ Pure ASGI (not BaseHTTPMiddleware) because it sits on the hot path of every step
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import time
 
@@ -15,13 +16,20 @@ from service.errors import error_response_for
 from service.logs import log, request_id
 from service.metrics import Metrics
 
-_PROCESS_TAG = secrets.token_hex(4)  # a random tag per process, so IDs differ across replicas and restarts
-_sequence = itertools.count(1)
+
+def _new_process_tag() -> None:
+    """A random 64-bit tag per process (made again in a forked worker), so IDs differ across processes."""
+    global _process_tag, _sequence
+    _process_tag, _sequence = secrets.token_hex(8), itertools.count(1)
+
+
+_new_process_tag()
+os.register_at_fork(after_in_child=_new_process_tag)
 
 
 def new_request_id() -> str:
     """A request ID unique across processes: the process tag and a counter (no syscall per request)."""
-    return f"{_PROCESS_TAG}-{next(_sequence):x}"
+    return f"{_process_tag}-{next(_sequence):x}"
 
 
 class BodyTooLarge(Exception):
@@ -58,6 +66,8 @@ class RequestMiddleware:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 raise BodyTooLarge
             await self.app(scope, self._limited(receive, status), send_with_id)
+            if not status["sent"]:
+                status["code"] = 499  # the client went away before an answer (nginx's code for it)
         except BodyTooLarge:
             status["over_limit"] = False
             if not status["sent"]:

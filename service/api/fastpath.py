@@ -5,20 +5,20 @@ service is bound by the Python it runs per request. FastAPI's per-request machin
 matching over every route, dependency solving, an exit stack, response model plumbing) costs
 about as much as the step's own work, so this middleware answers the route itself: it reads
 the body and calls ``v1.run_steps``, the very function behind the documented FastAPI route,
-and answers in the API's one error shape. The FastAPI route stays for the OpenAPI document
+and answers errors through the app's own exception handlers (the API's one error shape). The FastAPI route stays for the OpenAPI document
 and for any request this path declines (a session ID that is not 1-64 characters).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import SESSION_ID_MAX_LENGTH, router, run_steps
-from service.errors import APIError, api_error_response, validation_error_response
 
 PREFIX, SUFFIX = "/v1/sessions/", "/steps"
 STEPS_ROUTE_PATH = PREFIX + "{session_id}" + SUFFIX
@@ -32,6 +32,12 @@ def session_of_steps_path(path: str) -> str | None:
     if not 1 <= len(session_id) <= SESSION_ID_MAX_LENGTH or "/" in session_id:
         return None
     return session_id
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the app's root path (set by a proxy's --root-path), as routing sees it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -55,7 +61,7 @@ class StepFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = (
-            session_of_steps_path(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+            session_of_steps_path(route_path(scope)) if scope["type"] == "http" and scope["method"] == "POST" else None
         )
         engine = getattr(self.api.state, "engine", None)
         if session_id is None or engine is None:
@@ -68,13 +74,24 @@ class StepFastPath:
         owner = scope.get("state", {}).get("owner", "")
         try:
             result = await run_steps(engine, owner, session_id, raw)
-        except APIError as exc:
-            await api_error_response(exc)(scope, receive, send)
-            return
-        except RequestValidationError as exc:
-            await validation_error_response(exc)(scope, receive, send)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None:
+                raise  # to ServerErrorMiddleware, as from any route: a logged 500 in the API's error shape
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
             return
         body = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _handler_for(self, exc: Exception) -> Callable | None:
+        """The app's exception handler for ``exc`` (as ExceptionMiddleware finds it), but not the catch-all."""
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                return None
+            handler = self.api.exception_handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None

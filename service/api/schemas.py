@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: a string or an integer")]
 
 EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255, 255, 255, 255]]
+EXAMPLE_GRAY8 = {"gray8": base64.b64encode(bytes(sum(EXAMPLE_PIXELS, []))).decode(), "shape": [4, 4]}
 
 
 class ImageIn(BaseModel):
@@ -27,11 +29,11 @@ class ImageIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"pixels": EXAMPLE_PIXELS}],
+            "examples": [{"pixels": EXAMPLE_PIXELS}, EXAMPLE_GRAY8],
             "oneOf": [
-                {"required": ["png"], "not": {"anyOf": [{"required": ["pixels"]}, {"required": ["gray8"]}]}},
-                {"required": ["pixels"], "not": {"anyOf": [{"required": ["png"]}, {"required": ["gray8"]}]}},
-                {"required": ["gray8", "shape"], "not": {"anyOf": [{"required": ["png"]}, {"required": ["pixels"]}]}},
+                {"required": ["png"], "not": {"anyOf": [{"required": [f]} for f in ("pixels", "gray8", "shape")]}},
+                {"required": ["pixels"], "not": {"anyOf": [{"required": [f]} for f in ("png", "gray8", "shape")]}},
+                {"required": ["gray8", "shape"], "not": {"anyOf": [{"required": [f]} for f in ("png", "pixels")]}},
             ],
         },
     )
@@ -50,11 +52,16 @@ class ImageIn(BaseModel):
 
     gray8: str | None = Field(
         None,
-        description="base64 of the raw gray levels, one byte per pixel, row by row (NumPy: "
-        "base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",
+        description="base64 (one line, no line breaks) of the raw gray levels, one byte per pixel, row by row "
+        "(NumPy: base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",
     )
     shape: list[StrictInt] | None = Field(
-        None, min_length=2, max_length=2, description="[height, width] of gray8 (only with gray8)"
+        None,
+        min_length=2,
+        max_length=2,
+        description="[height, width] of gray8 (only with gray8)",
+        # Documented here, checked by service.images (so that a bad value gets an image error).
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 512}},
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,76 @@
+"""The step route's direct ASGI path: it answers the route itself, declines what it should, and
+answers exactly like the documented FastAPI route (which other tests drive through it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.api import v1
+from service.api.fastpath import STEPS_ROUTE_PATH, StepFastPath, route_path, session_of_steps_path
+from tests.api.support import api_settings, app_client, new_session, random_pixels, step_body
+
+pytestmark = pytest.mark.anyio
+
+
+class RouteReached(Exception):
+    pass
+
+
+def test_session_of_steps_path() -> None:
+    assert session_of_steps_path("/v1/sessions/abc/steps") == "abc"
+    assert session_of_steps_path("/v1/sessions/" + "x" * 64 + "/steps") == "x" * 64
+    for declined in (
+        "/v1/sessions//steps",
+        "/v1/sessions/" + "x" * 65 + "/steps",
+        "/v1/sessions/a/b/steps",
+        "/v1/sessions/abc/steps/",
+        "/v1/sessions/abc/reset",
+        "/v1/sessions/abc",
+        "/v2/sessions/abc/steps",
+    ):
+        assert session_of_steps_path(declined) is None, declined
+    assert route_path({"path": "/api/v1/sessions/a/steps", "root_path": "/api"}) == "/v1/sessions/a/steps"
+    assert route_path({"path": "/v1/sessions/a/steps", "root_path": ""}) == "/v1/sessions/a/steps"
+
+
+async def test_steps_are_answered_without_the_fastapi_route(tiny_checkpoint: Path, monkeypatch) -> None:
+    route = next(r for r in v1.router.routes if getattr(r, "path", None) == STEPS_ROUTE_PATH)
+
+    async def reached(*args, **kwargs):
+        raise RouteReached
+
+    monkeypatch.setattr(route, "handle", reached)
+    async with app_client(api_settings(tiny_checkpoint)) as client:
+        session_id = await new_session(client)
+        with pytest.raises(RouteReached):  # the patch works: what the fast path declines reaches the route
+            await client.post(f"/v1/sessions/{'x' * 65}/steps", json=step_body(random_pixels(1), "a"))
+        response = await client.post(f"/v1/sessions/{session_id}/steps", json=step_body(random_pixels(1), "a"))
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json" and response.headers["x-request-id"]
+        bad = await client.post(f"/v1/sessions/{session_id}/steps", json={"image": {"pixels": [[-1]]}})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_image"
+        missing = await client.post("/v1/sessions/nope/steps", json=step_body(random_pixels(1)))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
+        metrics = (await client.get("/metrics")).text
+        assert 'method="POST",route="/v1/sessions/{session_id}/steps",status="200"' in metrics
+
+
+async def test_a_client_gone_before_its_body_gets_no_answer_and_the_session_no_step(tiny_checkpoint: Path) -> None:
+    async with app_client(api_settings(tiny_checkpoint)) as client:
+        session_id = await new_session(client)
+        app = client._transport.app  # the FastAPI app under the ASGI transport
+        fast = StepFastPath(app.router, app)
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": f"/v1/sessions/{session_id}/steps", "headers": []}
+        await fast(scope, receive, send)
+        assert sent == []
+        assert (await client.get(f"/v1/sessions/{session_id}")).json()["steps"] == 0
