@@ -40,20 +40,21 @@ class EpisodeBatch:
 
 
 def assign_slots(classes: torch.Tensor, labeled: torch.Tensor, ways: int) -> torch.Tensor:
-    """Targets by the service's slot rule. classes, labeled: [B, T] -> targets [B, T]."""
-    batch, steps = classes.shape
-    slot_of = torch.full((batch, ways), -1, dtype=torch.long)
-    next_free = torch.zeros(batch, dtype=torch.long)
-    rows = torch.arange(batch)
-    targets = torch.empty(batch, steps, dtype=torch.long)
-    for t in range(steps):
-        current = slot_of[rows, classes[:, t]]
-        known = current >= 0
-        targets[:, t] = torch.where(known, current, next_free)
-        new = labeled[:, t] & ~known
-        slot_of[rows[new], classes[new, t]] = next_free[new]
-        next_free = next_free + new.long()
-    return targets
+    """Targets by the service's slot rule. classes, labeled: [B, T] -> targets [B, T].
+
+    A class's slot is the number of classes first labeled before it; a step whose class has not
+    been labeled before it targets the next free slot, the number of classes labeled so far.
+    Vectorised over the batch and the steps (no loop over time).
+    """
+    steps = classes.shape[1]
+    time = torch.arange(steps, device=classes.device)
+    first_label = torch.where(F.one_hot(classes, ways).bool() & labeled.unsqueeze(-1), time.view(1, -1, 1), steps).amin(
+        dim=1
+    )  # [B, ways]: when each class is first labeled (steps: never)
+    slot = (first_label.unsqueeze(1) < first_label.unsqueeze(2)).sum(-1)  # [B, ways]
+    labeled_before = first_label.unsqueeze(1) < time.view(1, -1, 1)  # [B, T, ways]
+    known = labeled_before.gather(2, classes.unsqueeze(-1)).squeeze(-1)
+    return torch.where(known, slot.gather(1, classes), labeled_before.sum(-1))
 
 
 def offset_label_inputs(targets: torch.Tensor, labeled: torch.Tensor, ways: int) -> torch.Tensor:
@@ -65,6 +66,21 @@ def offset_label_inputs(targets: torch.Tensor, labeled: torch.Tensor, ways: int)
 def instance_numbers(classes: torch.Tensor, ways: int) -> torch.Tensor:
     """1-based count of each class's appearances up to and including each step. [B, T]."""
     return torch.cumsum(F.one_hot(classes, ways), dim=1).gather(2, classes.unsqueeze(-1)).squeeze(-1)
+
+
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [N, 1, size, size], align_corners=False)``, by broadcasting. [N, 2, 3] -> [N, size, size, 2].
+
+    The same grid to float rounding, about 5x faster on a CPU, where torch's kernel runs a
+    batched matmul of 3-wide rows; it was half the time of sampling a batch of episodes.
+    """
+    coords = (torch.arange(size, dtype=theta.dtype, device=theta.device) * 2 + 1) / size - 1  # pixel centres
+    x, y = coords.view(1, 1, size), coords.view(1, size, 1)
+    t = theta[..., None, None]  # [N, 2, 3, 1, 1]
+    grid = torch.empty(theta.shape[0], size, size, 2, dtype=theta.dtype, device=theta.device)
+    for axis in range(2):
+        grid[..., axis] = t[:, axis, 0] * x + (t[:, axis, 1] * y + t[:, axis, 2])
+    return grid
 
 
 class EpisodeSampler:
@@ -139,7 +155,7 @@ class EpisodeSampler:
         """Rotate each image by ``angle`` (radians) about its centre and shift it; zeros fill in."""
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
-        grid = F.affine_grid(theta, [images.shape[0], 1, *images.shape[-2:]], align_corners=False)
+        grid = affine_grid(theta, images.shape[-1])
         out = F.grid_sample(images.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.squeeze(1)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data.episodes import EpisodeSampler, assign_slots, instance_numbers, offset_label_inputs
+from models.data.episodes import EpisodeSampler, affine_grid, assign_slots, instance_numbers, offset_label_inputs
 from models.data.omniglot import download_omniglot, load_omniglot
 from models.data.preprocess import decode_grayscale, preprocess
 from tests.conftest import CHARACTERS_PER_ALPHABET, DRAWINGS, FIXTURE_ALPHABETS
@@ -77,6 +77,33 @@ def test_slot_rule_and_offsets_by_hand():
     inputs = offset_label_inputs(targets, labeled, ways=3)
     assert inputs[0].argmax(-1).tolist()[1:] == [0, 0, 0, 1, 2] and inputs[0, 0].sum() == 0 and inputs[0, 2].sum() == 0
     assert instance_numbers(classes, 3).tolist() == [[1, 1, 2, 1, 2, 2]]
+
+
+def slots_step_by_step(classes: list[int], labeled: list[bool]) -> list[int]:
+    """The slot rule as the service applies it, one step at a time."""
+    slot_of: dict[int, int] = {}
+    targets = []
+    for cls, has_label in zip(classes, labeled, strict=True):
+        targets.append(slot_of.get(cls, len(slot_of)))
+        if has_label and cls not in slot_of:
+            slot_of[cls] = len(slot_of)
+    return targets
+
+
+def test_vectorised_slot_rule_equals_the_step_by_step_rule():
+    generator = torch.Generator().manual_seed(4)
+    classes = torch.randint(0, 5, (300, 50), generator=generator)
+    labeled = torch.rand(300, 50, generator=generator) < 0.6
+    targets = assign_slots(classes, labeled, ways=5)
+    for b in range(300):
+        assert targets[b].tolist() == slots_step_by_step(classes[b].tolist(), labeled[b].tolist()), b
+
+
+def test_affine_grid_equals_torch():
+    theta = torch.randn(64, 2, 3, generator=torch.Generator().manual_seed(2))
+    for size in (1, 5, 28):
+        expected = torch.nn.functional.affine_grid(theta, [64, 1, size, size], align_corners=False)
+        assert torch.allclose(affine_grid(theta, size), expected, atol=1e-5)
 
 
 def test_sampler_invariants(omniglot_zip):
