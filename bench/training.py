@@ -23,7 +23,7 @@ from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
 from models.data.episodes import EpisodeSampler
-from models.train import train_step
+from models.train import make_optimizer, train_step
 
 BATCHES = (16, 64)
 TARGET_SPEEDUP = 10.0
@@ -51,7 +51,7 @@ def training_runner(model: nn.Module, data: torch.Tensor, batch: int, ways: int,
     compilation happens in the warm-up call, outside the measurement.
     """
     sampler = EpisodeSampler(data, ways, shots, unlabeled_prob=0.1, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, 1e-3)
     forward = torch.compile(model, dynamic=False) if compiled else None
 
     def run(iterations: int) -> None:
