@@ -71,6 +71,12 @@ class ModelRegistry:
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
 
+    @property
+    def image_size(self) -> int | None:
+        """The input side all served models share, or None when they differ."""
+        sizes = {served.model.config.image_size for served in self.models.values()}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def get(self, name: str | None) -> ServedModel | None:
         return self.default if name is None else self.models.get(name)
 

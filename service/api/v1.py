@@ -123,7 +123,9 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
     """The step route's work, from the raw JSON body to the response body.
 
     The body is parsed and validated in one pass (pydantic-core); the images are decoded and
-    preprocessed before the session is touched, so bad input never reaches the model.
+    preprocessed before the session is touched, so bad input never reaches the model. The
+    session is read once, by the engine, unless the served models differ in input size (then
+    the session's model must be known first).
     """
     try:
         body = STEP_REQUEST.validate_json(raw_body)
@@ -135,8 +137,9 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
         raise APIError(
             422, "too_many_steps", f"{len(items)} steps in one request; at most {engine.settings.max_steps_per_request}"
         )
-    record = await engine.load(session_id, owner)
-    image_size = engine.served_for(record).model.config.image_size
+    image_size = engine.registry.image_size
+    if image_size is None:
+        image_size = engine.served_for(await engine.load(session_id, owner)).model.config.image_size
     digest = hashlib.sha256()
     inputs = []
     for item in items:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import load_checkpoint
@@ -354,3 +355,22 @@ async def test_retry_after_reset_is_a_new_step(client: httpx.AsyncClient) -> Non
         k: v for k, v in first.items() if k != "probabilities"
     }
     assert (await session_info(client, session_id))["steps"] == 1
+
+
+async def test_models_of_different_image_sizes_each_get_their_own_preprocessing(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """With models of different input sizes the route reads the session first to learn its size."""
+    from models import NTM, NTMConfig, save_checkpoint
+
+    small_dir = tmp_path / "small"
+    torch.manual_seed(9)
+    save_checkpoint(NTM(NTMConfig(image_size=20, memory_slots=8, memory_width=4, hidden_size=8)), small_dir)
+    grays, bodies = episode(seed=21)
+    settings = Settings(models=[tiny_checkpoint, small_dir], access_log=False)
+    async with app_client(settings) as client:
+        for name in ("tiny", "small"):
+            created = await client.post("/v1/sessions", json={"model": name})
+            results = await run_episode(client, created.json()["session_id"], bodies)
+            model = load_checkpoint(tiny_checkpoint if name == "tiny" else small_dir)
+            assert_matches_model(results, reference_probabilities(model, grays, EPISODE_LABELS))
