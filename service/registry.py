@@ -47,6 +47,9 @@ class ModelRegistry:
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self.models = models
         self.default = next(iter(models.values()))
+        sizes = {served.model.config.image_size for served in models.values()}
+        # The input side all served models share, or None when they differ (read on every step).
+        self.image_size: int | None = sizes.pop() if len(sizes) == 1 else None
 
     @classmethod
     def load(
@@ -70,12 +73,6 @@ class ModelRegistry:
             batcher = MicroBatcher(model, max_batch, max_wait, observe, name)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
-
-    @property
-    def image_size(self) -> int | None:
-        """The input side all served models share, or None when they differ."""
-        sizes = {served.model.config.image_size for served in self.models.values()}
-        return sizes.pop() if len(sizes) == 1 else None
 
     def get(self, name: str | None) -> ServedModel | None:
         return self.default if name is None else self.models.get(name)
