@@ -57,7 +57,15 @@ def flops_per_session_step(config: NTMConfig) -> dict[str, int]:
         "read_write": 0,
         "output": 2 * (hidden + config.read_width) * ways + ways,
     }
-    if config.use_memory:
+    if config.use_memory and config.addressing == "lrua":
+        heads = config.read_heads
+        head_outputs = heads * (2 * width + 2)
+        parts["head_projection"] = 2 * hidden * head_outputs + head_outputs + heads * 8  # + softplus, sigmoid
+        # stable sort of the usage (~N log N), cosine + softmax per read head, usage update
+        parts["addressing"] = 8 * slots + heads * (2 * slots * width + 2 * width + 10 * slots) + 3 * heads * slots
+        # zero least-used rows, write (one outer product per head), read (one per head)
+        parts["read_write"] = slots * width + heads * (4 * slots * width + 3 * slots)
+    elif config.use_memory:
         head_outputs = NUM_HEADS * (width + 3 + config.num_shifts) + 2 * width
         parts["head_projection"] = 2 * hidden * head_outputs + head_outputs + NUM_HEADS * (4 + config.num_shifts)
         per_slot = 3 + 4 + 3 + 2 * config.num_shifts - 1 + 6  # cosine tail, softmax, lerp, shift, sharpen

@@ -93,3 +93,41 @@ def write(memory: torch.Tensor, w: torch.Tensor, erase: torch.Tensor, add: torch
     """
     w_col = w.unsqueeze(-1)
     return torch.baddbmm(memory, w_col, add.unsqueeze(1)).addcmul_(memory, w_col * erase.unsqueeze(1), value=-1)
+
+
+# ------------------------------------------------------------------ least recently used access
+
+
+def least_used(usage: torch.Tensor, count: int) -> torch.Tensor:
+    """w_lu: one one-hot row per write head, marking the ``count`` least-used slots (Santoro et al. 2016, sec. 3.2).
+
+    usage [B, N] -> [B, count, N], row h marking the (h+1)-th least-used slot. The sort is
+    stable, so equal usages (fresh slots) resolve to the lowest index on every device.
+    """
+    order = torch.sort(usage, dim=-1, stable=True).indices[:, :count]
+    # scatter, not one_hot: one_hot checks its indices on the host, a sync a CUDA graph cannot hold
+    return usage.new_zeros(usage.shape[0], count, usage.shape[-1]).scatter_(-1, order.unsqueeze(-1), 1.0)
+
+
+def lrua_write_weighting(read_prev: torch.Tensor, least: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """w_w = sigmoid(alpha) w_r_{t-1} + (1 - sigmoid(alpha)) w_lu_{t-1} (Santoro et al. 2016, sec. 3.2).
+
+    Each write head writes where its read head last read (to update a slot that matched the
+    previous sample) or to its least-used slot (to store a new one). read_prev, least [B, R, N],
+    alpha [B, R, 1] already squashed to (0, 1).
+    """
+    return torch.lerp(least, read_prev, alpha)
+
+
+def lrua_write(memory: torch.Tensor, least: torch.Tensor, w: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """Zero the least-used slots, then M <- M + sum_h w_w[h] a[h]^T (Santoro et al. 2016, sec. 3.2).
+
+    memory [B, N, W], least and w [B, R, N], add [B, R, W] -> the new memory.
+    """
+    keep = 1 - least.sum(dim=1).clamp_max(1)
+    return torch.baddbmm(memory * keep.unsqueeze(-1), w.transpose(1, 2), add)
+
+
+def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, decay: float) -> torch.Tensor:
+    """w_u <- gamma w_u + sum_h w_r[h] + sum_h w_w[h] (Santoro et al. 2016, sec. 3.2): usage [B, N], read/write [B, R, N]."""
+    return usage * decay + read.sum(dim=1) + write.sum(dim=1)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 Encoder = Literal["flatten", "conv"]
 ENCODERS: tuple[str, ...] = ("flatten", "conv")
+Addressing = Literal["ntm", "lrua"]
+ADDRESSINGS: tuple[str, ...] = ("ntm", "lrua")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class NTMConfig:
         shift_range: largest circular shift of the location addressing (1: shifts -1, 0, +1).
         use_memory: False gives the LSTM-only baseline: the controller without memory.
         memory_init: the constant every memory cell starts at (cosine needs a non-zero norm).
+        addressing: ``ntm`` (the seed: one read and one write head with content, gate, shift
+            and sharpening; Graves et al. 2014) or ``lrua`` (least recently used access:
+            ``read_heads`` content-addressed reads, each paired with a write to the slot it
+            last read or to a least-used slot; Santoro et al. 2016, sec. 3.2).
+        read_heads: number of read heads (``lrua`` only; ``ntm`` has exactly one).
+        usage_decay: gamma of the usage update w_u <- gamma w_u + w_r + w_w (``lrua`` only).
     """
 
     num_ways: int = 5
@@ -45,6 +53,9 @@ class NTMConfig:
     shift_range: int = 1
     use_memory: bool = True
     memory_init: float = 1e-6
+    addressing: Addressing = "ntm"
+    read_heads: int = 1
+    usage_decay: float = 0.95
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -52,6 +63,14 @@ class NTMConfig:
         for name in ("num_ways", "image_size", "memory_slots", "memory_width", "hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.addressing not in ADDRESSINGS:
+            raise ValueError(f"addressing must be one of {ADDRESSINGS}, got {self.addressing!r}")
+        if self.read_heads < 1 or (self.addressing == "ntm" and self.read_heads != 1):
+            raise ValueError("read_heads must be >= 1, and exactly 1 with ntm addressing")
+        if self.addressing == "lrua" and self.read_heads > self.memory_slots:
+            raise ValueError("lrua needs read_heads <= memory_slots (one least-used slot per head)")
+        if not 0.0 <= self.usage_decay <= 1.0:
+            raise ValueError(f"usage_decay must be in [0, 1], got {self.usage_decay}")
         if self.num_ways < 2:
             raise ValueError(f"num_ways must be >= 2, got {self.num_ways}")
         if not 0 <= self.shift_range < self.memory_slots:
@@ -67,8 +86,16 @@ class NTMConfig:
 
     @property
     def read_width(self) -> int:
-        """Width of the read vector the controller and output see (0 without memory)."""
-        return self.memory_width if self.use_memory else 0
+        """Width of the read vectors, side by side, that the controller and output see (0 without memory)."""
+        return self.memory_width * self.read_heads if self.use_memory else 0
+
+    @property
+    def state_heads(self) -> int:
+        """Rows of the state's addressing tensor: ntm's read and write weightings, or lrua's
+        read weightings and its usage vector (0 without memory)."""
+        if not self.use_memory:
+            return 0
+        return 2 if self.addressing == "ntm" else self.read_heads + 1
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

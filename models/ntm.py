@@ -11,6 +11,14 @@ One step, per session in a batch:
 5. write M_t = M_{t-1} * (1 - w_w e^T) + w_w a^T
 6. logits = Linear([h_t, r_t]) with one logit per slot; softmax only at the edge.
 
+With ``addressing="lrua"`` steps 3-5 are Santoro et al.'s least recently used access
+(sec. 3.2) instead: per head h a read key k, strength beta, gate alpha and add vector a;
+zero the least-used slots of M_{t-1}, write a to w_w = sigmoid(alpha) w_r_{t-1} +
+(1 - sigmoid(alpha)) w_lu_{t-1}, then read M_t by content (softmax(beta K(k, M_t))) and
+update the usage. The add vector is separate from the key: at step t the controller knows
+the label of x_{t-1} (label offset), so what it writes is about x_{t-1} while its key is
+about x_t. Reading after the write finds x_{t-1} when x_t is of the same class.
+
 Label input (Santoro et al. 2016, sec. 3): at step t the model sees image x_t together with
 the one-hot slot of the label of step t-1 (all zeros at t = 0 and after a step that had no
 label) and predicts the slot of x_t. So a label teaches the model one step later.
@@ -86,12 +94,18 @@ class NTM(nn.Module):
         self.recurrent_proj = nn.Linear(hidden + config.read_width, 4 * hidden, bias=False)
         self.h0 = nn.Parameter(torch.randn(hidden) * 0.05)
         self.c0 = nn.Parameter(torch.randn(hidden) * 0.05)
-        if config.use_memory:
+        if config.use_memory and config.addressing == "ntm":
             # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
             self._head_size = width + 3 + config.num_shifts
             self.head_proj = nn.Linear(hidden, NUM_HEADS * self._head_size + 2 * width)
             self.weight0_logits = nn.Parameter(torch.randn(NUM_HEADS, slots) * 1e-5)
             self.read0 = nn.Parameter(torch.randn(width) * 0.01)
+        elif config.use_memory:
+            # Per LRUA head: read key (W), beta, alpha, add vector (W).
+            self._head_size = 2 * width + 2
+            self.head_proj = nn.Linear(hidden, config.read_heads * self._head_size)
+            self.weight0_logits = nn.Parameter(torch.randn(config.read_heads, slots) * 1e-5)
+            self.read0 = nn.Parameter(torch.randn(config.read_width) * 0.01)
         self.output = nn.Linear(hidden + config.read_width, config.num_ways)
         self._reset_parameters(feature_size)
 
@@ -122,7 +136,10 @@ class NTM(nn.Module):
         c = self.c0.expand(batch_size, -1)
         if cfg.use_memory:
             memory = torch.full((batch_size, cfg.memory_slots, cfg.memory_width), cfg.memory_init, device=dev)
-            weights = torch.softmax(self.weight0_logits, dim=-1).expand(batch_size, -1, -1)
+            weights = torch.softmax(self.weight0_logits, dim=-1)
+            if cfg.addressing == "lrua":  # the read weightings, then the usage (all slots unused)
+                weights = torch.cat([weights, weights.new_zeros(1, cfg.memory_slots)])
+            weights = weights.expand(batch_size, -1, -1)
             read = self.read0.expand(batch_size, -1)
         else:
             memory = torch.zeros(batch_size, 0, 0, device=dev)
@@ -169,7 +186,13 @@ class NTM(nn.Module):
         h = torch.sigmoid(out_gate) * torch.tanh(c)
         if not cfg.use_memory:
             return self.output(h), NTMState(state.memory, state.read, state.weights, h, c)
+        memory, read, weights = (self._ntm_access if cfg.addressing == "ntm" else self._lrua_access)(h, state)
+        logits = self.output(torch.cat([h, read], dim=-1))
+        return logits, NTMState(memory, read, weights, h, c)
 
+    def _ntm_access(self, h: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The seed's heads (Graves et al. 2014): read M_{t-1}, then write. -> (M_t, r_t, weightings)."""
+        cfg = self.config
         width = cfg.memory_width
         heads, erase, add = self.head_proj(h).split([NUM_HEADS * self._head_size, width, width], dim=-1)
         key, beta, gate, gamma, shift = heads.view(h.shape[0], NUM_HEADS, self._head_size).split(
@@ -187,8 +210,29 @@ class NTM(nn.Module):
         read_weight, write_weight = weights.unbind(1)
         read = addressing.read(state.memory, read_weight)
         memory = addressing.write(state.memory, write_weight, torch.sigmoid(erase), add)
-        logits = self.output(torch.cat([h, read], dim=-1))
-        return logits, NTMState(memory, read, weights, h, c)
+        return memory, read, weights
+
+    def _lrua_access(self, h: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Least recently used access (Santoro et al. 2016, sec. 3.2): write, then read M_t.
+
+        The state's addressing rows are the R previous read weightings, then the usage vector.
+        """
+        cfg = self.config
+        heads = cfg.read_heads
+        key, beta, alpha, add = (
+            self.head_proj(h)
+            .view(h.shape[0], heads, self._head_size)
+            .split([cfg.memory_width, 1, 1, cfg.memory_width], dim=-1)
+        )
+        read_prev, usage = state.weights.split([heads, 1], dim=1)
+        usage = usage.squeeze(1)
+        least = addressing.least_used(usage, heads)
+        write_weight = addressing.lrua_write_weighting(read_prev, least, torch.sigmoid(alpha))
+        memory = addressing.lrua_write(state.memory, least, write_weight, add)
+        read_weight = addressing.content_weighting(memory, key, F.softplus(beta))
+        read = torch.bmm(read_weight, memory).flatten(1)
+        usage = addressing.update_usage(usage, read_weight, write_weight, cfg.usage_decay)
+        return memory, read, torch.cat([read_weight, usage.unsqueeze(1)], dim=1)
 
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
         """One step of B sessions: images [B, S, S], label_inputs [B, K] -> (logits [B, K], new state).

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 STATE_MAGIC = b"NTMS"
-STATE_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHHIIII")  # magic, version, reserved, N, W, hidden, heads
+STATE_FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sHHIIII")  # magic, version, reads, N, W, hidden, heads
 
 
 class StateFormatError(ValueError):
@@ -30,7 +30,8 @@ class NTMState:
     Attributes:
         memory: [B, N, W] memory matrix M.
         read: [B, W'] the previous step's read vector (W' = 0 for the LSTM-only baseline).
-        weights: [B, H, N] the previous head weightings; head 0 reads, head 1 writes.
+        weights: [B, H, N] the addressing state: with NTM heads the previous read (row 0) and
+            write (row 1) weightings; with LRUA the R previous read weightings, then the usage.
         h: [B, hidden] controller LSTM output.
         c: [B, hidden] controller LSTM cell.
     """
@@ -98,9 +99,9 @@ class NTMState:
         return self.sessions()[0].to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, read_width: int | None = None) -> NTMState:
-        """Decode ``to_bytes`` output (a batch-1 state); ``read_width`` defaults to the memory width."""
-        return PackedState.from_bytes(data, read_width).unpack()
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> NTMState:
+        """Decode ``to_bytes`` output (a batch-1 state)."""
+        return PackedState.from_bytes(data).unpack()
 
 
 @dataclass(frozen=True)
@@ -157,27 +158,32 @@ class PackedState:
     def to_bytes(self) -> bytes:
         """Compact little-endian encoding: a 24-byte header + raw float32.
 
-        For the default config (128 x 40 memory, hidden 200) that is 24 + 4 * 5,816 = 23,288
-        bytes. Round-trips bit-identically through ``from_bytes``.
+        The header holds the layout: the number of read vectors (format 2; format 1, which
+        always had one, is still read), N, W, hidden and the addressing rows. For the default
+        config (128 x 40 memory, hidden 200) that is 24 + 4 * 5,816 = 23,288 bytes.
+        Round-trips bit-identically through ``from_bytes``.
         """
         lay = self.layout
-        header = _HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, 0, lay.slots, lay.width, lay.hidden, lay.heads)
+        reads = lay.read_width // lay.width if lay.width else 0
+        if reads * lay.width != lay.read_width:
+            raise ValueError(f"read width {lay.read_width} is not a whole number of memory rows of {lay.width}")
+        header = _HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, reads, lay.slots, lay.width, lay.hidden, lay.heads)
         return (
             header
             + self.data.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, read_width: int | None = None) -> PackedState:
-        """Decode ``to_bytes`` output; ``read_width`` defaults to the memory width."""
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> PackedState:
+        """Decode ``to_bytes`` output, of format version 2 or 1."""
         if len(data) < _HEADER.size:
             raise StateFormatError("state bytes shorter than the header")
-        magic, version, _, slots, width, hidden, heads = _HEADER.unpack_from(data)
-        if magic != STATE_MAGIC or version != STATE_FORMAT_VERSION:
-            raise StateFormatError(f"not an NTM state of format version {STATE_FORMAT_VERSION}")
-        if read_width is None:
-            read_width = width if heads else 0
-        layout = StateLayout(slots, width, read_width, heads, hidden)
+        magic, version, reads, slots, width, hidden, heads = _HEADER.unpack_from(data)
+        if magic != STATE_MAGIC or version not in (1, STATE_FORMAT_VERSION):
+            raise StateFormatError(f"not an NTM state of format version 1 or {STATE_FORMAT_VERSION}")
+        if version == 1:  # one read vector whenever there is memory
+            reads = 1 if heads else 0
+        layout = StateLayout(slots, width, reads * width, heads, hidden)
         expected = _HEADER.size + 4 * layout.size
         if len(data) != expected:
             raise StateFormatError(f"state bytes have length {len(data)}, expected {expected}")

@@ -35,6 +35,8 @@ class ServedModel:
             "image_size": cfg.image_size,
             "encoder": cfg.encoder,
             "memory": [cfg.memory_slots, cfg.memory_width] if cfg.use_memory else None,
+            "addressing": cfg.addressing if cfg.use_memory else None,
+            "read_heads": cfg.read_heads if cfg.use_memory else 0,
             "hidden_size": cfg.hidden_size,
             "fingerprint": self.fingerprint,
             "default": self.default,

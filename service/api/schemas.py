@@ -142,7 +142,9 @@ class ModelOut(BaseModel):
     num_ways: int
     image_size: int
     encoder: str
-    memory: list[int] | None
+    memory: list[int] | None = Field(description="[slots, width] of the memory matrix; null for the LSTM-only baseline")
+    addressing: str | None = Field(description="ntm (the seed's heads) or lrua (least recently used access)")
+    read_heads: int
     hidden_size: int
     fingerprint: str
     default: bool

@@ -197,6 +197,8 @@ async def test_models(client: httpx.AsyncClient, tiny_checkpoint: Path) -> None:
         "image_size": 28,
         "encoder": "conv",
         "memory": [16, 8],
+        "addressing": "ntm",
+        "read_heads": 1,
         "hidden_size": 32,
         "fingerprint": load_checkpoint(tiny_checkpoint).fingerprint(),
         "default": True,

@@ -76,3 +76,37 @@ def test_erase_and_add_by_hand():
     # row 0: [1*(1-0.5), 2*(1-1)] + [10, 20]; row 1: [3*(1-0.25), 4*(1-0.5)] + [5, 10]
     assert torch.allclose(out, torch.tensor([[[10.5, 20.0], [7.25, 12.0]]]))
     assert torch.equal(memory, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])), "write must not modify its input"
+
+
+# ------------------------------------------------------------------ least recently used access
+
+
+def test_least_used_marks_the_lowest_usages_and_breaks_ties_by_index():
+    usage = torch.tensor([[0.5, 0.1, 0.0, 0.0, 0.3]])
+    least = addressing.least_used(usage, 3)
+    assert least.tolist() == [[[0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]]
+
+
+def test_lrua_write_weighting_by_hand():
+    read_prev = torch.tensor([[[0.0, 1.0, 0.0]]])
+    least = torch.tensor([[[0.0, 0.0, 1.0]]])
+    w = addressing.lrua_write_weighting(read_prev, least, torch.tensor([[[0.25]]]))
+    assert torch.allclose(w, torch.tensor([[[0.0, 0.25, 0.75]]]))
+
+
+def test_lrua_write_zeroes_least_used_slots_then_adds():
+    memory = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    least = torch.tensor([[[0.0, 0.0, 1.0]]])
+    w = torch.tensor([[[0.0, 0.5, 0.5]]])
+    add = torch.tensor([[[10.0, 20.0]]])
+    out = addressing.lrua_write(memory, least, w, add)
+    # row 0 untouched; row 1: [3, 4] + [5, 10]; row 2 zeroed, then + [5, 10]
+    assert torch.allclose(out, torch.tensor([[[1.0, 2.0], [8.0, 14.0], [5.0, 10.0]]]))
+    assert torch.equal(memory, torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])), "must not modify its input"
+
+
+def test_usage_update_by_hand():
+    usage = torch.tensor([[1.0, 0.0]])
+    read = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
+    write = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert torch.allclose(addressing.update_usage(usage, read, write, 0.9), torch.tensor([[2.4, 1.5]]))

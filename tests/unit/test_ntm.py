@@ -13,6 +13,10 @@ def make_model(seed: int = 0, **overrides) -> NTM:
     return NTM(NTMConfig(**{**SMALL, **overrides})).eval()
 
 
+ACCESS = [{}, {"addressing": "lrua", "read_heads": 3}]  # the seed's NTM heads; least recently used access
+ACCESS_IDS = ["ntm", "lrua"]
+
+
 def random_episode(steps: int, batch: int, ways: int = 5, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     images = torch.rand(steps, batch, 28, 28, generator=gen)
@@ -22,8 +26,9 @@ def random_episode(steps: int, batch: int, ways: int = 5, seed: int = 1):
 
 @pytest.mark.parametrize("encoder", ["conv", "flatten"])
 @pytest.mark.parametrize("use_memory", [True, False])
-def test_gradients_reach_every_parameter(encoder, use_memory):
-    model = make_model(encoder=encoder, use_memory=use_memory).train()
+@pytest.mark.parametrize("access", ACCESS, ids=ACCESS_IDS)
+def test_gradients_reach_every_parameter(encoder, use_memory, access):
+    model = make_model(encoder=encoder, use_memory=use_memory, **access).train()
     images, slots = random_episode(6, 3)
     logits = model(images, model.label_input(slots))
     logits.logsumexp(-1).sum().backward()
@@ -32,8 +37,9 @@ def test_gradients_reach_every_parameter(encoder, use_memory):
 
 
 @pytest.mark.parametrize("encoder", ["conv", "flatten"])
-def test_step_equals_sequence_forward(encoder):
-    model = make_model(encoder=encoder)
+@pytest.mark.parametrize("access", ACCESS, ids=ACCESS_IDS)
+def test_step_equals_sequence_forward(encoder, access):
+    model = make_model(encoder=encoder, **access)
     images, slots = random_episode(12, 4)
     labels = model.label_input(slots)
     with torch.inference_mode():
@@ -47,9 +53,10 @@ def test_step_equals_sequence_forward(encoder):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(state.tensors(), sequence_state.tensors(), strict=True))
 
 
-def test_batch_independence():
+@pytest.mark.parametrize("access", ACCESS, ids=ACCESS_IDS)
+def test_batch_independence(access):
     """A session's outputs do not depend on which sessions share its batch."""
-    model = make_model()
+    model = make_model(**access)
     images, slots = random_episode(8, 5)
     labels = model.label_input(slots)
     with torch.inference_mode():
@@ -78,8 +85,9 @@ def test_label_input_offsets_and_queries():
     assert one_hot.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]
 
 
-def test_numerically_safe_on_extreme_images_and_long_runs():
-    model = make_model(memory_slots=32, memory_width=12)
+@pytest.mark.parametrize("access", ACCESS, ids=ACCESS_IDS)
+def test_numerically_safe_on_extreme_images_and_long_runs(access):
+    model = make_model(memory_slots=32, memory_width=12, **access)
     with torch.inference_mode():
         state = model.initial_state(3)
         images = torch.stack([torch.zeros(28, 28), torch.ones(28, 28), torch.rand(28, 28)])
@@ -104,3 +112,32 @@ def test_config_validation_and_json_round_trip():
         NTMConfig(encoder="resnet")
     with pytest.raises(ValueError, match="unknown config keys"):
         NTMConfig.from_dict({"num_wayz": 5})
+    with pytest.raises(ValueError, match="addressing"):
+        NTMConfig(addressing="dnc")
+    with pytest.raises(ValueError, match="read_heads"):
+        NTMConfig(read_heads=2)  # the seed's heads: one read, one write
+
+
+def test_lrua_state_holds_read_weightings_then_usage_and_round_trips():
+    model = make_model(addressing="lrua", read_heads=3)
+    images, slots = random_episode(4, 1)
+    with torch.inference_mode():
+        _, state = model.forward_sequence(images, model.label_input(slots))
+    assert state.weights.shape == (1, 4, 16) and state.read.shape == (1, 24)
+    assert torch.allclose(state.weights[:, :3].sum(-1), torch.ones(1, 3))  # each read weighting sums to 1
+    assert (state.weights[:, 3] > 0).all()  # every slot has been read a little: usage > 0
+    assert NTMState.from_bytes(state.to_bytes()).equal(state)
+
+
+def test_lrua_writes_new_samples_to_fresh_slots():
+    """With alpha -> -inf every write goes to a least-used slot: R new slots per step, none reused early."""
+    model = make_model(addressing="lrua", read_heads=2, memory_slots=16)
+    with torch.no_grad():
+        alpha_rows = [h * model._head_size + 8 + 1 for h in range(2)]  # after the key (8) and beta
+        model.head_proj.bias[alpha_rows] = -1e4
+        model.head_proj.weight[alpha_rows] = 0
+    images, slots = random_episode(3, 1)
+    with torch.inference_mode():
+        _, state = model.forward_sequence(images, model.label_input(slots))
+    written = (state.memory[0].abs() > 1e-3).any(-1)
+    assert written.sum().item() == 6  # 3 steps x 2 heads, each in a slot of its own

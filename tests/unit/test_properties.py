@@ -291,7 +291,8 @@ def states(draw) -> NTMState:
     """A batch-1 state of NTMConfig's shapes (heads 0: the LSTM-only baseline, with no read vector)."""
     slots, width, hidden = draw(st.integers(0, 6)), draw(st.integers(0, 5)), draw(st.integers(0, 6))
     heads = draw(st.integers(0, 3))
-    read_width = width if heads else 0
+    reads = draw(st.integers(1, 4)) if heads else 0  # lrua reads R vectors; the baseline none
+    read_width = reads * width
     shapes = [(1, slots, width), (1, read_width), (1, heads, slots), (1, hidden), (1, hidden)]
     arrays = [draw(hnp.arrays(np.uint32, shape, elements=float32_bits)).view(np.float32) for shape in shapes]
     return NTMState(*(torch.from_numpy(a) for a in arrays))
@@ -315,7 +316,8 @@ def test_state_bytes_round_trip_bit_identically(flush_denormal, state):
     _, slots, width = state.memory.shape
     heads, hidden, read_width = state.weights.shape[1], state.h.shape[1], state.read.shape[1]
     assert len(data) == 24 + 4 * (slots * width + read_width + heads * slots + 2 * hidden)
-    assert HEADER.unpack_from(data) == (STATE_MAGIC, STATE_FORMAT_VERSION, 0, slots, width, hidden, heads)
+    reads = read_width // width if width else 0
+    assert HEADER.unpack_from(data) == (STATE_MAGIC, STATE_FORMAT_VERSION, reads, slots, width, hidden, heads)
     for before, after in zip(bits(state), bits(restored), strict=True):
         assert before.shape == after.shape and torch.equal(before, after)  # -0.0, denormals, NaN payloads kept
     assert all(t.dtype == torch.float32 for t in restored.tensors())
@@ -323,16 +325,27 @@ def test_state_bytes_round_trip_bit_identically(flush_denormal, state):
     assert all(other.to_bytes() == data for other in again)
 
 
-def _header(slots: int, width: int, hidden: int, heads: int) -> bytes:
-    return HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, 0, slots, width, hidden, heads)
+def _header(
+    slots: int, width: int, hidden: int, heads: int, reads: int = 1, version: int = STATE_FORMAT_VERSION
+) -> bytes:
+    return HEADER.pack(STATE_MAGIC, version, reads, slots, width, hidden, heads)
 
 
 @st.composite
 def state_like_bytes(draw) -> bytes:
-    """A well-formed header (sizes anywhere in uint32) with a body of arbitrary length."""
+    """A well-formed header of either format (sizes anywhere in uint32) with a body of arbitrary length."""
     u32 = st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1))
-    header = _header(draw(u32), draw(u32), draw(u32), draw(u32))
+    reads, version = draw(st.one_of(st.integers(0, 4), st.integers(0, 2**16 - 1))), draw(st.sampled_from([1, 2]))
+    header = _header(draw(u32), draw(u32), draw(u32), draw(u32), reads, version)
     return header + draw(st.binary(max_size=200))
+
+
+def _canonical(data: bytes) -> bytes:
+    """What ``to_bytes`` writes for a state decoded from ``data``: format 2, the read count it implies."""
+    _, version, reads, slots, width, hidden, heads = HEADER.unpack_from(data)
+    if version == 1:
+        reads = 1 if heads else 0
+    return _header(slots, width, hidden, heads, reads if width else 0) + bytes(data[HEADER.size :])
 
 
 @bounded(300)
@@ -340,13 +353,14 @@ def state_like_bytes(draw) -> bytes:
 @example(b"")
 @example(_header(0, 0, 0, 0))  # the smallest valid state: no tensors at all
 @example(_header(2**32 - 1, 2**32 - 1, 1, 1) + b"\x00" * 4)  # sizes that wrap int64 to a total of one float
+@example(_header(2, 1, 0, 1, reads=0, version=1) + b"\x00" * 20)  # format 1: one read vector implied
 def test_arbitrary_bytes_decode_or_raise_state_format_error(data):
     try:
         state = NTMState.from_bytes(data)
     except StateFormatError:
         return
     assert state.batch_size == 1
-    assert state.to_bytes() == bytes(data[:6]) + bytes(2) + bytes(data[8:])  # the reserved field is written as 0
+    assert state.to_bytes() == _canonical(data)
 
 
 # ------------------------------------------------------------------------------------------ session records
