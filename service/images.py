@@ -50,7 +50,7 @@ def decode_png(encoded: str, max_side: int) -> np.ndarray:
 
 
 def decode_gray8(encoded: str, shape: list[int], max_side: int) -> np.ndarray:
-    """Base64 of raw 8-bit gray levels, row by row, with their [height, width]."""
+    """Base64 of raw 8-bit gray levels, row by row, with their [height, width] -> a uint8 array."""
     height, width = shape
     _check_side(height, width, max_side)
     try:
@@ -59,7 +59,7 @@ def decode_gray8(encoded: str, shape: list[int], max_side: int) -> np.ndarray:
         raise invalid_image("gray8 is not valid base64") from None
     if len(data) != height * width:
         raise invalid_image(f"gray8 holds {len(data)} bytes; shape {height}x{width} needs {height * width}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(height, width).astype(np.float32)
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width)
 
 
 INLINE_DECODE_CHARS = 16 * 1024  # a small PNG decodes faster than a hop to a worker thread takes

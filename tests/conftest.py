@@ -70,13 +70,13 @@ def omniglot_zip(omniglot_folder: Path, tmp_path_factory: pytest.TempPathFactory
 TINY_CONFIG = {"memory_slots": 16, "memory_width": 8, "hidden_size": 32, "conv_channels": (4, 8), "feature_size": 16}
 
 
-def write_tiny_checkpoint(directory: Path, seed: int) -> Path:
+def write_tiny_checkpoint(directory: Path, seed: int, **overrides) -> Path:
     """A real, randomly initialised small NTM checkpoint (fast to load and to step); the global RNG is left as it was."""
     from models import NTM, NTMConfig, save_checkpoint
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = NTM(NTMConfig(**TINY_CONFIG))
+        model = NTM(NTMConfig(**{**TINY_CONFIG, **overrides}))
     return save_checkpoint(model, directory)
 
 
@@ -89,6 +89,14 @@ def anyio_backend() -> str:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory named ``tiny`` (so the service serves it as model "tiny"), fixed weights."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny", seed=1234)
+
+
+@pytest.fixture(scope="session")
+def lrua_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small checkpoint with least recently used access and three read heads, served as model ``lrua``."""
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("checkpoints") / "lrua", seed=4321, encoder="flatten", addressing="lrua", read_heads=3
+    )
 
 
 @pytest.fixture(scope="session")

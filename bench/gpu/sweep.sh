@@ -3,11 +3,16 @@
 # each with the whole training step as a CUDA graph when a smoke test shows capture works,
 # and pack each run directory into $OUT/<name>.tar.
 # Usage: OUT=dir MINUTES=7 bash bench/gpu/sweep.sh "name ntm-train args..." ["name args..." ...]
-# Training libraries missing on the machine are installed from the wheelhouse .data/wheels.
+# Training libraries missing on the machine are installed from the wheelhouse .data/wheels, made
+# here beforehand (the GPU machine has no internet) with:
+#   pip download --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 tqdm safetensors matplotlib pillow -d .data/wheels
+# and carried there with the Omniglot zip (run's carry: [".data"]).
 set -u
 out=${OUT:?set OUT}
 minutes=${MINUTES:-7}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the repository root, for bench/gpu/graph_smoke.py
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for module in tqdm safetensors matplotlib PIL; do
   python3 -c "import $module" 2>/dev/null || missing="${missing:-} $module"
@@ -15,7 +20,7 @@ done
 if [ -n "${missing:-}" ]; then
   echo "installing:$missing"
   pip install -q --no-index --find-links .data/wheels --target /tmp/pylib tqdm safetensors matplotlib pillow
-  export PYTHONPATH=/tmp/pylib
+  export PYTHONPATH="$PYTHONPATH:/tmp/pylib"
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 graph=--cuda-graph

@@ -156,6 +156,20 @@ async def test_shipped_model_episode_equals_forward_sequence() -> None:
     assert_matches_model(results, reference_probabilities(load_checkpoint(PRETRAINED_DIR), grays, EPISODE_LABELS))
 
 
+async def test_lrua_model_episode_equals_forward_sequence(lrua_checkpoint: Path) -> None:
+    """A model with least recently used access (more read vectors, usage in the state) serves like any other,
+    one step at a time and as one batch."""
+    grays, bodies = episode(seed=15)
+    async with app_client(Settings(store="memory://", models=[lrua_checkpoint], access_log=False)) as client:
+        described = (await client.get("/v1/models")).json()["models"][0]
+        assert (described["name"], described["addressing"], described["read_heads"]) == ("lrua", "lrua", 3)
+        stepped = await run_episode(client, await new_session(client), bodies)
+        batch = await client.post(f"/v1/sessions/{await new_session(client)}/steps", json={"steps": bodies})
+    expected = reference_probabilities(load_checkpoint(lrua_checkpoint), grays, EPISODE_LABELS)
+    assert_matches_model(stepped, expected)
+    assert_matches_model(batch.json()["results"], expected)
+
+
 async def test_session_on_a_named_model(client: httpx.AsyncClient) -> None:
     grays, bodies = episode(seed=14)
     session_id = await new_session(client, model="default")

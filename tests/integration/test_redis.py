@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import torch
 
 from service.sessions.redis import RedisStore
 from tests.conftest import write_tiny_checkpoint
@@ -166,6 +167,27 @@ def test_records_are_compact_and_ttl_refreshes_on_commit(redis_url, redis_prefix
     assert size < 26_000, "state 23,288 bytes plus a small header"
     assert ttl > 90_000, "the commit refreshed the TTL"
     assert count == 1 and not stale and identical
+
+
+def test_lrua_states_round_trip_through_redis(redis_url, redis_prefix):
+    """Four read vectors and a usage row: the state header carries the layout, so any replica decodes it."""
+    from models import NTM, NTMConfig
+    from service.sessions.store import SessionRecord
+
+    model = NTM(NTMConfig(addressing="lrua", read_heads=4, memory_slots=32, memory_width=8, hidden_size=16))
+    _, batch = model.forward_sequence(torch.rand(3, 1, 28, 28), model.label_input(torch.tensor([[0], [1], [-1]])))
+    state = batch.detach().sessions()[0]
+
+    async def scenario() -> SessionRecord | None:
+        store = RedisStore(redis_url, redis_prefix)
+        await store.create(SessionRecord("lrua", "m", "fp", state, 100.0, time.time() + 100))
+        loaded = await store.get("lrua")
+        await store.close()
+        return loaded
+
+    loaded = asyncio.run(scenario())
+    assert loaded is not None and loaded.state.layout == state.layout and loaded.state.equal(state)
+    assert loaded.state.layout.read_width == 32 and loaded.state.layout.heads == 5
 
 
 def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_prefix):

@@ -46,6 +46,16 @@ def test_preprocess_inverts_and_resizes():
     assert 0.0 < out[10:18].mean() < 1.0  # antialiased edges
 
 
+def test_preprocess_of_8_bit_levels_equals_the_float_path_bit_for_bit():
+    levels = np.arange(256, dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    for gray in (np.resize(levels, (28, 28)), image):
+        assert np.array_equal(preprocess(gray, 28), preprocess(gray.astype(np.float32), 28))
+        assert preprocess(gray, 28).dtype == np.float32
+    small = image[:20, :17]  # another size: the float path resizes it
+    assert np.array_equal(preprocess(small, 28), preprocess(small.astype(np.float64), 28))
+
+
 @pytest.mark.parametrize(
     "bad", [np.zeros((0, 4)), np.zeros((3,)), np.full((4, 4), np.nan), np.full((4, 4), -1.0), np.full((4, 4), 256.0)]
 )
