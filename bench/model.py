@@ -3,7 +3,7 @@
 ``python -m bench.model [--batches 1 16 ...] [--repeats 5] [--threads 2] [--json FILE]``
 
 Times the step the service uses, ``model.step(state, images [B, 28, 28], label_inputs [B, K])``
-under ``torch.inference_mode``, for the conv and flatten encoders and for the seed reference
+under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten model and the seed reference
 (``bench.seed_reference``), interleaved within each batch size, median of the repeats. A
 ``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
 FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
@@ -26,7 +26,12 @@ BATCHES = (1, 16, 64, 256, 1024)
 MATMUL = (256, 1024, 1024)  # [M, K] @ [K, N]
 TARGET_US_BATCH_1 = 250.0
 TARGET_RATE_BATCH_256 = 40_000.0
-MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "seed": "seed"}
+MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "lrua_flatten": "LRUA flatten", "seed": "seed"}
+CONFIGS = {  # ours by name
+    "ntm_conv": NTMConfig(encoder="conv"),
+    "ntm_flatten": NTMConfig(encoder="flatten"),
+    "lrua_flatten": NTMConfig(encoder="flatten", addressing="lrua", read_heads=4),
+}
 
 
 def flops_per_session_step(config: NTMConfig) -> dict[str, int]:
@@ -119,7 +124,7 @@ def matmul_runner() -> Runner:
 def measure(batches: list[int], repeats: int, min_time: float) -> dict:
     """Session-steps/s per model and batch (medians), and the matmul rate over all rounds."""
     torch.manual_seed(0)
-    models = {"ntm_conv": NTM(NTMConfig()).eval(), "ntm_flatten": NTM(NTMConfig(encoder="flatten")).eval()}
+    models = {name: NTM(config).eval() for name, config in CONFIGS.items()}
     seed = SeedNTM().eval()
     m, k, n = MATMUL
     rates: dict[str, dict[str, float]] = {name: {} for name in MODELS}
@@ -140,19 +145,15 @@ def measure(batches: list[int], repeats: int, min_time: float) -> dict:
 def report(results: dict) -> str:
     """The Markdown tables and the target and bound lines."""
     rates, bound = results["steps_per_s"], results["bound_steps_per_s"]
-    header = ["batch", *MODELS.values(), "conv / seed", "conv % of bound", "flatten % of bound"]
+    header = ["batch", *MODELS.values(), "conv / seed", *(f"{MODELS[name]} % of bound" for name in CONFIGS)]
     rows = []
     for batch in rates["seed"]:
-        conv, flatten, seed = (rates[name][batch] for name in MODELS)
         rows.append(
             [
                 batch,
-                fmt(conv),
-                fmt(flatten),
-                fmt(seed),
-                f"{conv / seed:.1f}x",
-                f"{100 * conv / bound['ntm_conv']:.1f}%",
-                f"{100 * flatten / bound['ntm_flatten']:.1f}%",
+                *(fmt(rates[name][batch]) for name in MODELS),
+                f"{rates['ntm_conv'][batch] / rates['seed'][batch]:.1f}x",
+                *(f"{100 * rates[name][batch] / bound[name]:.1f}%" for name in CONFIGS),
             ]
         )
     lines = [
@@ -170,8 +171,10 @@ def report(results: dict) -> str:
     lines.append(
         f"Bound: torch.mm {'x'.join(map(str, MATMUL[:2]))} @ {'x'.join(map(str, MATMUL[1:]))} runs at "
         f"{results['matmul_gflops']:.1f} GFLOP/s; a session-step costs "
-        f"{flops['ntm_conv']['total'] / 1e6:.2f} MFLOP (conv) / {flops['ntm_flatten']['total'] / 1e6:.2f} MFLOP "
-        f"(flatten), so at best {fmt(bound['ntm_conv'])} / {fmt(bound['ntm_flatten'])} session-steps/s."
+        + ", ".join(f"{flops[name]['total'] / 1e6:.2f} MFLOP ({MODELS[name]})" for name in CONFIGS)
+        + ", so at best "
+        + " / ".join(fmt(bound[name]) for name in CONFIGS)
+        + " session-steps/s."
     )
     for target in results["targets"].values():
         verdict = "met" if target["met"] else "missed"
@@ -195,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     load = machine_load()
     results = {"threads": args.threads, "repeats": args.repeats, "load_average": load}
     results |= measure(args.batches, args.repeats, args.min_time)
-    flops = {
-        "ntm_conv": flops_per_session_step(NTMConfig()),
-        "ntm_flatten": flops_per_session_step(NTMConfig(encoder="flatten")),
-    }
+    flops = {name: flops_per_session_step(config) for name, config in CONFIGS.items()}
     results["flops_per_step"] = flops
     results["bound_steps_per_s"] = {name: results["matmul_gflops"] * 1e9 / f["total"] for name, f in flops.items()}
     rates = results["steps_per_s"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +28,17 @@ from models.train import make_optimizer, train_step
 
 BATCHES = (16, 64)
 TARGET_SPEEDUP = 10.0
-MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "seed": "seed style"}
-COMPILED = {"ntm_conv_compiled": "NTM conv, compiled", "ntm_flatten_compiled": "NTM flatten, compiled"}
+MODELS = {"ntm_conv": "NTM conv", "ntm_flatten": "NTM flatten", "lrua_flatten": "LRUA flatten", "seed": "seed style"}
+COMPILED = {
+    "ntm_conv_compiled": "NTM conv, compiled",
+    "ntm_flatten_compiled": "NTM flatten, compiled",
+    "lrua_flatten_compiled": "LRUA flatten, compiled",
+}
+CONFIGS = {  # our contenders by name (a compiled one is its name + "_compiled")
+    "ntm_conv": NTMConfig(encoder="conv"),
+    "ntm_flatten": NTMConfig(encoder="flatten"),
+    "lrua_flatten": NTMConfig(encoder="flatten", addressing="lrua", read_heads=4),
+}
 CHARACTERS, DRAWINGS = 30, 20
 
 
@@ -41,7 +51,7 @@ def make_model(name: str, ways: int) -> nn.Module:
     torch.manual_seed(0)
     if name == "seed":
         return SeedNTM(ways)
-    return NTM(NTMConfig(num_ways=ways, encoder="conv" if name.startswith("ntm_conv") else "flatten"))
+    return NTM(replace(CONFIGS[name.removesuffix("_compiled")], num_ways=ways))
 
 
 def training_runner(model: nn.Module, data: torch.Tensor, batch: int, ways: int, shots: int, compiled: bool) -> Runner:

@@ -31,7 +31,7 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
         "us_per_step_batch_1",
         "targets",
     }
-    assert set(data["steps_per_s"]) == {"ntm_conv", "ntm_flatten", "seed"}
+    assert set(data["steps_per_s"]) == {"ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
     assert all(rates["1"] > 0 for rates in data["steps_per_s"].values())
     assert "us_batch_1" in data["targets"]
     assert "| batch |" in capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_training_bench_writes_its_figures(tmp_path, capsys):
         torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert set(data) >= {"episodes_per_s", "speedup_vs_seed", "targets"}
-    assert set(data["episodes_per_s"]) == {"ntm_conv", "ntm_flatten", "seed"}
+    assert set(data["episodes_per_s"]) == {"ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
     assert all(rates["2"] > 0 for rates in data["episodes_per_s"].values())
     assert "| batch |" in capsys.readouterr().out
 
