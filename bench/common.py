@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,3 +89,16 @@ def machine_load() -> float:
 def write_json(path: Path | None, data: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` to ``cpu`` (threads made later inherit it from their creator).
+
+    ``os.sched_setaffinity(pid, ...)`` alone pins only the main thread: a server's model thread,
+    started before, would go on running on the load generator's core.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task), {cpu})

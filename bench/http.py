@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import markdown_table, write_json
+from bench.common import markdown_table, pin_process, write_json
 from bench.loadgen import generate_load, http_request
 from tests.servers import ServerProcess
 
@@ -71,8 +71,7 @@ def measure_store(
     env["NTM_REDIS_PREFIX"] = f"ntmbench:{os.getpid()}:"
     server = ServerProcess(env).wait_ready()
     try:
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(server.process.pid, {cpus[0]})
+        pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]
         host, port = "127.0.0.1", server.port
 

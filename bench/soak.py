@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.common import fmt, machine_load, markdown_table, percentile, write_json
+from bench.common import fmt, machine_load, markdown_table, percentile, pin_process, write_json
 from bench.loadgen import http_request, prepare_load_process
 from tests.servers import ServerProcess
 
@@ -55,15 +54,6 @@ def parse_active_sessions(metrics_text: str) -> int:
         if line.startswith("ntm_active_sessions "):
             return int(float(line.split()[1]))
     raise ValueError("no ntm_active_sessions in /metrics")
-
-
-def pin_process(pid: int, cpu: int) -> None:
-    """Pin every thread of ``pid`` (threads made later inherit it from their creator)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task), {cpu})
 
 
 # ----------------------------------------------------------------------------------- requests
