@@ -55,6 +55,11 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     access_log: bool = True
+    otel_telemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry spans and metrics, for an app that configures an OTel SDK "
+        "provider (the service's own metrics are Prometheus, at /metrics)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,12 +1,17 @@
 """A direct ASGI path for the hot route, ``POST /v1/sessions/{session_id}/steps``.
 
-Every step of every session goes through this one route, and with 784 pixels per image the
-service is bound by the Python it runs per request. FastAPI's per-request machinery (route
-matching over every route, dependency solving, an exit stack, response model plumbing) costs
-about as much as the step's own work, so this middleware answers the route itself: it reads
-the body and calls ``v1.run_steps``, the very function behind the documented FastAPI route,
-and answers errors through the app's own exception handlers (the API's one error shape). The FastAPI route stays for the OpenAPI document
-and for any request this path declines (a session ID that is not 1-64 characters).
+Every step of every session goes through this one route, and with one core for the whole
+server the service is bound by the Python it runs per request. So the route is answered by a
+short stack of its own, in front of FastAPI's: ``ServiceAPI`` builds the app's middleware
+stack as usual, and puts ``StepDispatch`` outermost, which sends step requests to the app's
+own middlewares (request IDs, metrics, body limit, API keys: the same classes and settings)
+wrapped around ``StepRoute`` instead, skipping the framework layers the route does not need
+(Starlette's error middleware, FastAPI's telemetry and body-limit layers, route matching over
+every route, dependency solving). ``StepRoute`` calls ``v1.run_steps``, the very function behind
+the documented FastAPI route, and answers every error through the app's own exception
+handlers (the API's one error shape, a 500 included). The FastAPI route stays for the OpenAPI
+document and for any request the dispatch declines (a session ID that is not 1-64 characters,
+or a request before the lifespan has started the engine).
 """
 
 from __future__ import annotations
@@ -52,46 +57,71 @@ async def read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-class StepFastPath:
-    """Answers the step route directly; everything else passes on to ``app``."""
+class StepRoute:
+    """Answers a step request: body -> ``run_steps`` -> JSON, errors through the app's handlers."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
-        self.app, self.api = app, api
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
         self.route = next(r for r in router.routes if getattr(r, "path", None) == STEPS_ROUTE_PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session_id = (
-            session_of_steps_path(route_path(scope)) if scope["type"] == "http" and scope["method"] == "POST" else None
-        )
-        engine = getattr(self.api.state, "engine", None)
-        if session_id is None or engine is None:
-            await self.app(scope, receive, send)
-            return
         scope["route"] = self.route  # the metrics label the route's template, as for FastAPI's routes
         raw = await read_body(receive)
         if raw is None:
             return
+        session_id = session_of_steps_path(route_path(scope)) or ""
         owner = scope.get("state", {}).get("owner", "")
         try:
-            result = await run_steps(engine, owner, session_id, raw)
-        except Exception as exc:
+            result = await run_steps(self.api.state.engine, owner, session_id, raw)
+        except Exception as exc:  # nothing is sent yet: run_steps answers nothing itself
             handler = self._handler_for(exc)
-            if handler is None:
-                raise  # to ServerErrorMiddleware, as from any route: a logged 500 in the API's error shape
             response = await handler(Request(scope, receive), exc)
             await response(scope, receive, send)
+            if handler is self._unexpected:
+                raise  # for the server to log, as Starlette's error middleware does after its 500
             return
         body = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _handler_for(self, exc: Exception) -> Callable | None:
-        """The app's exception handler for ``exc`` (as ExceptionMiddleware finds it), but not the catch-all."""
+    @property
+    def _unexpected(self) -> Callable:
+        """The app's handler of any other exception: its 500 in the API's error shape."""
+        return self.api.exception_handlers[Exception]
+
+    def _handler_for(self, exc: Exception) -> Callable:
+        """The app's exception handler for ``exc``, as Starlette's exception middleware finds it."""
         for cls in type(exc).__mro__:
-            if cls is Exception:
-                return None
             handler = self.api.exception_handlers.get(cls)
             if handler is not None:
                 return handler
-        return None
+        return self._unexpected
+
+
+class StepDispatch:
+    """The outermost layer: step requests to ``fast``, everything else to the app's usual stack."""
+
+    def __init__(self, app: ASGIApp, fast: ASGIApp, api: FastAPI) -> None:
+        self.app, self.fast, self.api = app, fast, api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and getattr(self.api.state, "engine", None) is not None
+            and session_of_steps_path(route_path(scope)) is not None
+        ):
+            await self.fast(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+class ServiceAPI(FastAPI):
+    """FastAPI, with the step route's own short stack in front (see the module docstring)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        fast: ASGIApp = StepRoute(self)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            fast = cls(fast, *args, **kwargs)
+        return StepDispatch(super().build_middleware_stack(), fast, self)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.api import v1
-from service.api.fastpath import STEPS_ROUTE_PATH, StepFastPath, route_path, session_of_steps_path
+from service.api.fastpath import STEPS_ROUTE_PATH, StepRoute, route_path, session_of_steps_path
 from tests.api.support import api_settings, app_client, new_session, random_pixels, step_body
 
 pytestmark = pytest.mark.anyio
@@ -61,7 +61,7 @@ async def test_a_client_gone_before_its_body_gets_no_answer_and_the_session_no_s
     async with app_client(api_settings(tiny_checkpoint)) as client:
         session_id = await new_session(client)
         app = client._transport.app  # the FastAPI app under the ASGI transport
-        fast = StepFastPath(app.router, app)
+        fast = StepRoute(app)
         sent: list[dict] = []
 
         async def receive() -> dict:
@@ -74,3 +74,37 @@ async def test_a_client_gone_before_its_body_gets_no_answer_and_the_session_no_s
         await fast(scope, receive, send)
         assert sent == []
         assert (await client.get(f"/v1/sessions/{session_id}")).json()["steps"] == 0
+
+
+async def test_an_unexpected_error_on_the_step_route_is_a_json_500_with_its_request_id(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    """The step route's own stack has no Starlette error middleware: it answers the app's 500 itself,
+    through the request middleware (request ID, metrics), and leaves the exception for the server to log."""
+    import httpx
+
+    from service.api import fastpath
+    from service.app import create_app
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    app = create_app(api_settings(tiny_checkpoint))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            session_id = await new_session(client)
+            monkeypatch.setattr(fastpath, "run_steps", broken)
+            response = await client.post(f"/v1/sessions/{session_id}/steps", json=step_body(random_pixels(1)))
+            assert response.status_code == 500 and response.headers["x-request-id"]
+            assert response.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
+            metrics = (await client.get("/metrics")).text
+            assert 'method="POST",route="/v1/sessions/{session_id}/steps",status="500"' in metrics
+            assert (await client.get("/healthz")).status_code == 200
+
+
+def test_fastapi_telemetry_is_off_unless_asked_for(tiny_checkpoint: Path) -> None:
+    from service.app import create_app
+
+    assert not create_app(api_settings(tiny_checkpoint))._native_telemetry.enabled()
+    assert create_app(api_settings(tiny_checkpoint, otel_telemetry=True))._telemetry.get("tracing", True)
