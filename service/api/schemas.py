@@ -66,7 +66,7 @@ class ImageIn(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageIn:
-        if sum(form is not None for form in (self.png, self.pixels, self.gray8)) != 1:
+        if (self.png is None) + (self.pixels is None) + (self.gray8 is None) != 2:  # runs per image: no generator
             raise ValueError("give exactly one of png, pixels or gray8")
         if (self.gray8 is None) != (self.shape is None):
             raise ValueError("gray8 needs shape [height, width], and shape goes only with gray8")
