@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import NTM, PackedState
+from models import NTM, NTMState, PackedState
 from service.logs import log
 
 
 @dataclass
 class _Job:
-    state: PackedState
+    state: PackedState  # the session's state when queued; the batcher carries it on from there
     images: list[torch.Tensor]  # T images [S, S]
     label_slots: list[int]  # T label inputs: the slot of the previous step's label, -1 for none
     future: asyncio.Future
@@ -64,6 +64,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait = max_batch, max_wait
         self._observe = observe  # (batch size, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._carry: torch.Tensor | None = None  # the packed states of the jobs under way (see _compute)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -138,32 +139,45 @@ class MicroBatcher:
                 _wake(job.loop, _resolve, job.future, BatcherClosed("the model is shutting down"))
 
     def _compute(self, active: list[_Job]) -> list[_Job]:
-        """One model call over the next step of every active job; returns the jobs still under way."""
+        """One model call over the next step of every active job; returns the jobs still under way.
+
+        The jobs still under way keep their states as rows of one tensor (``_carry``) between
+        calls, in order, so the next call stacks only the jobs that joined since; a job's own
+        state is copied out once, when it finishes.
+        """
         started = time.perf_counter()
-        fresh = [job.enqueued for job in active if not job.probabilities]
-        wait = started - min(fresh) if fresh else 0.0
+        carried = 0 if self._carry is None else self._carry.shape[0]
+        joined = active[carried:]
+        wait = started - min(job.enqueued for job in joined) if joined else 0.0
         finished: list[tuple[_Job, object]] = []
         try:
             with torch.inference_mode():
                 device = self.model.device
-                states = PackedState.stack([job.state for job in active], device)
+                layout = active[0].state.layout
+                if any(job.state.layout != layout for job in joined):
+                    raise ValueError("cannot batch states of different layouts")
+                parts = [] if self._carry is None else [self._carry]
+                if joined:
+                    parts.append(torch.stack([job.state.data.to(device) for job in joined]))
+                states = NTMState.unpack(parts[0] if len(parts) == 1 else torch.cat(parts), layout)
                 t = [len(job.probabilities) for job in active]
                 images = torch.stack([job.images[i] for job, i in zip(active, t, strict=True)]).to(device)
                 slots = torch.tensor([job.label_slots[i] for job, i in zip(active, t, strict=True)], device=device)
                 logits, new_states = self.model.step(states, images, self.model.label_input(slots))
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
-                layout, rows = new_states.layout, new_states.pack().unbind(0)
-            remaining = []
-            for job, probs, row in zip(active, probabilities, rows, strict=True):
+                rows = new_states.pack()
+            remaining, keep = [], []
+            for index, (job, probs) in enumerate(zip(active, probabilities, strict=True)):
                 job.probabilities.append(probs)
                 if job.done:  # the session keeps this state: a copy of its own in host memory, not a view
-                    state = PackedState(row.to("cpu", copy=True), layout)
+                    state = PackedState(rows[index].to("cpu", copy=True), layout)
                     finished.append((job, (torch.stack(job.probabilities), state)))
-                else:  # stacked again for the next step: a view on the model's device is enough
-                    job.state = PackedState(row, layout)
+                else:
                     remaining.append(job)
+                    keep.append(index)
+            self._carry = None if not keep else rows if len(keep) == len(active) else rows[keep]
         except Exception as exc:  # a failing batch fails its requests, never the worker
-            finished, remaining = [(job, exc) for job in active], []
+            finished, remaining, self._carry = [(job, exc) for job in active], [], None
         if self._observe is not None:
             try:
                 self._observe(len(active), wait, time.perf_counter() - started)
