@@ -128,3 +128,28 @@ def test_init_from_starts_with_the_checkpoint_weights_and_a_fresh_schedule(omnig
         assert torch.equal(tuned.model.state_dict()[name], value), name
     tuned.run()
     assert load_checkpoint(tmp_path / "tuned").config == TINY
+
+
+def test_lrua_trains_and_cuda_graph_is_ignored_without_a_gpu(omniglot_zip, tmp_path):
+    """--addressing lrua trains end to end; --cuda-graph on a CPU run trains eagerly, the same losses."""
+    from dataclasses import replace
+
+    lrua = replace(TINY, addressing="lrua", read_heads=2)
+    run = dict(config=lrua, iterations=6, val_every=1000, log_every=1)
+    Trainer(options(omniglot_zip, tmp_path / "eager", **run)).run()
+    graphed = Trainer(options(omniglot_zip, tmp_path / "graph", cuda_graph=True, **run))
+    assert not graphed.cuda_graph
+    graphed.run()
+    assert train_losses(tmp_path / "graph") == train_losses(tmp_path / "eager")
+    assert load_checkpoint(tmp_path / "graph").config.addressing == "lrua"
+
+
+def test_set_learning_rate_reaches_float_and_tensor_rates():
+    from models.train import make_optimizer, set_learning_rate
+
+    model = torch.nn.Linear(2, 2)
+    plain, tensor_lr = make_optimizer(model, 1e-3), torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    for optimizer in (plain, tensor_lr):
+        set_learning_rate(optimizer, 0.25)
+        assert float(optimizer.param_groups[0]["lr"]) == 0.25
+    assert isinstance(tensor_lr.param_groups[0]["lr"], torch.Tensor)
