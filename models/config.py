@@ -89,14 +89,6 @@ class NTMConfig:
         """Width of the read vectors, side by side, that the controller and output see (0 without memory)."""
         return self.memory_width * self.read_heads if self.use_memory else 0
 
-    @property
-    def state_heads(self) -> int:
-        """Rows of the state's addressing tensor: ntm's read and write weightings, or lrua's
-        read weightings and its usage vector (0 without memory)."""
-        if not self.use_memory:
-            return 0
-        return 2 if self.addressing == "ntm" else self.read_heads + 1
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["conv_channels"] = list(self.conv_channels)

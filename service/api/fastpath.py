@@ -69,7 +69,7 @@ class StepRoute:
         raw = await read_body(receive)
         if raw is None:
             return
-        session_id = session_of_steps_path(route_path(scope)) or ""
+        session_id = scope["path_params"]["session_id"]  # set by StepDispatch, as routing sets it
         owner = scope.get("state", {}).get("owner", "")
         try:
             result = await run_steps(self.api.state.engine, owner, session_id, raw)
@@ -106,15 +106,14 @@ class StepDispatch:
         self.app, self.fast, self.api = app, fast, api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and getattr(self.api.state, "engine", None) is not None
-            and session_of_steps_path(route_path(scope)) is not None
-        ):
-            await self.fast(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        engine = getattr(self.api.state, "engine", None)
+        if scope["type"] == "http" and scope["method"] == "POST" and engine is not None:
+            session_id = session_of_steps_path(route_path(scope))
+            if session_id is not None:
+                scope["path_params"] = {"session_id": session_id}
+                await self.fast(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ServiceAPI(FastAPI):

@@ -70,7 +70,13 @@ async def test_a_client_gone_before_its_body_gets_no_answer_and_the_session_no_s
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": f"/v1/sessions/{session_id}/steps", "headers": []}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/v1/sessions/{session_id}/steps",
+            "headers": [],
+            "path_params": {"session_id": session_id},
+        }
         await fast(scope, receive, send)
         assert sent == []
         assert (await client.get(f"/v1/sessions/{session_id}")).json()["steps"] == 0
