@@ -16,7 +16,12 @@ import torch
 
 STATE_MAGIC = b"NTMS"
 STATE_FORMAT_VERSION = 2
-_HEADER = struct.Struct("<4sHHIIII")  # magic, version, reads, N, W, hidden, heads
+_HEADER = struct.Struct("<4sHHIIII")  # magic, version, reads (format 2; reserved in 1), N, W, hidden, heads
+
+
+def _format_1_reads(heads: int) -> int:
+    """The read vectors a format-1 header implies: one whenever there is memory (addressing rows)."""
+    return 1 if heads else 0
 
 
 class StateFormatError(ValueError):
@@ -158,16 +163,21 @@ class PackedState:
     def to_bytes(self) -> bytes:
         """Compact little-endian encoding: a 24-byte header + raw float32.
 
-        The header holds the layout: the number of read vectors (format 2; format 1, which
-        always had one, is still read), N, W, hidden and the addressing rows. For the default
-        config (128 x 40 memory, hidden 200) that is 24 + 4 * 5,816 = 23,288 bytes.
-        Round-trips bit-identically through ``from_bytes``.
+        The header holds the layout: N, W, hidden, the addressing rows and, from format 2, the
+        number of read vectors. A layout that format 1 can say (one read vector with memory,
+        none without: every NTM-heads model) is written as format 1, so that replicas of an
+        older release still read these states during a rolling upgrade; LRUA's several read
+        vectors need format 2. For the default config (128 x 40 memory, hidden 200) that is
+        24 + 4 * 5,816 = 23,288 bytes. Round-trips bit-identically through ``from_bytes``.
         """
         lay = self.layout
-        reads = lay.read_width // lay.width if lay.width else 0
-        if reads * lay.width != lay.read_width:
-            raise ValueError(f"read width {lay.read_width} is not a whole number of memory rows of {lay.width}")
-        header = _HEADER.pack(STATE_MAGIC, STATE_FORMAT_VERSION, reads, lay.slots, lay.width, lay.hidden, lay.heads)
+        if lay.read_width == _format_1_reads(lay.heads) * lay.width:
+            version, reads = 1, 0  # format 1: the field is reserved, written as 0
+        else:
+            version, reads = STATE_FORMAT_VERSION, lay.read_width // lay.width
+            if reads * lay.width != lay.read_width:
+                raise ValueError(f"read width {lay.read_width} is not a whole number of memory rows of {lay.width}")
+        header = _HEADER.pack(STATE_MAGIC, version, reads, lay.slots, lay.width, lay.hidden, lay.heads)
         return (
             header
             + self.data.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
@@ -181,8 +191,8 @@ class PackedState:
         magic, version, reads, slots, width, hidden, heads = _HEADER.unpack_from(data)
         if magic != STATE_MAGIC or version not in (1, STATE_FORMAT_VERSION):
             raise StateFormatError(f"not an NTM state of format version 1 or {STATE_FORMAT_VERSION}")
-        if version == 1:  # one read vector whenever there is memory
-            reads = 1 if heads else 0
+        if version == 1:
+            reads = _format_1_reads(heads)
         layout = StateLayout(slots, width, reads * width, heads, hidden)
         expected = _HEADER.size + 4 * layout.size
         if len(data) != expected:

@@ -316,8 +316,11 @@ def test_state_bytes_round_trip_bit_identically(flush_denormal, state):
     _, slots, width = state.memory.shape
     heads, hidden, read_width = state.weights.shape[1], state.h.shape[1], state.read.shape[1]
     assert len(data) == 24 + 4 * (slots * width + read_width + heads * slots + 2 * hidden)
-    reads = read_width // width if width else 0
-    assert HEADER.unpack_from(data) == (STATE_MAGIC, STATE_FORMAT_VERSION, reads, slots, width, hidden, heads)
+    if read_width == (1 if heads else 0) * width:  # what format 1 can say: written as format 1
+        assert HEADER.unpack_from(data) == (STATE_MAGIC, 1, 0, slots, width, hidden, heads)
+    else:
+        reads = read_width // width
+        assert HEADER.unpack_from(data) == (STATE_MAGIC, STATE_FORMAT_VERSION, reads, slots, width, hidden, heads)
     for before, after in zip(bits(state), bits(restored), strict=True):
         assert before.shape == after.shape and torch.equal(before, after)  # -0.0, denormals, NaN payloads kept
     assert all(t.dtype == torch.float32 for t in restored.tensors())
@@ -341,11 +344,13 @@ def state_like_bytes(draw) -> bytes:
 
 
 def _canonical(data: bytes) -> bytes:
-    """What ``to_bytes`` writes for a state decoded from ``data``: format 2, the read count it implies."""
+    """What ``to_bytes`` writes for a state decoded from ``data``: format 1 where it can say the
+    layout (its reserved field 0), else format 2 with the number of read vectors."""
     _, version, reads, slots, width, hidden, heads = HEADER.unpack_from(data)
-    if version == 1:
-        reads = 1 if heads else 0
-    return _header(slots, width, hidden, heads, reads if width else 0) + bytes(data[HEADER.size :])
+    implied = 1 if heads else 0
+    if version == 1 or width == 0 or reads == implied:
+        return _header(slots, width, hidden, heads, 0, version=1) + bytes(data[HEADER.size :])
+    return _header(slots, width, hidden, heads, reads) + bytes(data[HEADER.size :])
 
 
 @bounded(300)

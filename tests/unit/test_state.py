@@ -89,3 +89,19 @@ def test_stack_refuses_mixed_layouts_and_nothing():
         PackedState.stack([small.sessions()[0], other.sessions()[0]])
     with pytest.raises(ValueError, match="empty"):
         PackedState.stack([])
+
+
+def test_ntm_states_stay_format_1_and_lrua_states_need_format_2():
+    """A replica of an older release (format 1 only) still reads the shipped kind of state during a
+    rolling upgrade; only several read vectors need format 2, whose header counts them."""
+    import struct
+
+    from models.state import STATE_FORMAT_VERSION
+
+    ntm = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).detach()
+    lrua_model = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8, addressing="lrua", read_heads=3))
+    lrua = lrua_model.initial_state(1).detach()
+    version_and_reads = struct.Struct("<4sHH")
+    assert version_and_reads.unpack_from(ntm.to_bytes())[1:] == (1, 0)
+    assert version_and_reads.unpack_from(lrua.to_bytes())[1:] == (STATE_FORMAT_VERSION, 3)
+    assert NTMState.from_bytes(lrua.to_bytes()).equal(lrua) and NTMState.from_bytes(ntm.to_bytes()).equal(ntm)
