@@ -114,3 +114,15 @@ def test_fastapi_telemetry_is_off_unless_asked_for(tiny_checkpoint: Path) -> Non
 
     assert not create_app(api_settings(tiny_checkpoint))._native_telemetry.enabled()
     assert create_app(api_settings(tiny_checkpoint, otel_telemetry=True))._telemetry.get("tracing", True)
+
+
+async def test_the_startup_heap_is_frozen_while_serving_and_released_at_shutdown(tiny_checkpoint: Path) -> None:
+    import gc
+
+    from service.app import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    async with app_client(api_settings(tiny_checkpoint)) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
