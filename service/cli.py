@@ -1,4 +1,5 @@
-"""``ntm-serve``: run the service under uvicorn. Every flag is also an NTM_* environment variable."""
+"""``ntm-serve``: run the service under uvicorn. Every flag is also an NTM_* environment variable (and every
+setting is one: see service.settings)."""
 
 from __future__ import annotations
 
