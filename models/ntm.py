@@ -94,17 +94,17 @@ class NTM(nn.Module):
         self.recurrent_proj = nn.Linear(hidden + config.read_width, 4 * hidden, bias=False)
         self.h0 = nn.Parameter(torch.randn(hidden) * 0.05)
         self.c0 = nn.Parameter(torch.randn(hidden) * 0.05)
-        if config.use_memory and config.addressing == "ntm":
-            # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
-            self._head_size = width + 3 + config.num_shifts
-            self.head_proj = nn.Linear(hidden, NUM_HEADS * self._head_size + 2 * width)
-            self.weight0_logits = nn.Parameter(torch.randn(NUM_HEADS, slots) * 1e-5)
-            self.read0 = nn.Parameter(torch.randn(width) * 0.01)
-        elif config.use_memory:
-            # Per LRUA head: read key (W), beta, alpha, add vector (W).
-            self._head_size = 2 * width + 2
-            self.head_proj = nn.Linear(hidden, config.read_heads * self._head_size)
-            self.weight0_logits = nn.Parameter(torch.randn(config.read_heads, slots) * 1e-5)
+        if config.use_memory:
+            if config.addressing == "ntm":
+                # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
+                self._head_size, heads = width + 3 + config.num_shifts, NUM_HEADS
+                head_outputs = NUM_HEADS * self._head_size + 2 * width
+            else:
+                # Per LRUA head: read key (W), beta, alpha, add vector (W).
+                self._head_size, heads = 2 * width + 2, config.read_heads
+                head_outputs = heads * self._head_size
+            self.head_proj = nn.Linear(hidden, head_outputs)
+            self.weight0_logits = nn.Parameter(torch.randn(heads, slots) * 1e-5)
             self.read0 = nn.Parameter(torch.randn(config.read_width) * 0.01)
         self.output = nn.Linear(hidden + config.read_width, config.num_ways)
         self._reset_parameters(feature_size)
