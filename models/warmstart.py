@@ -18,6 +18,9 @@ back by its features (raw pixels: 86.6% at the 10th instance). A warm start join
    A = argmin ||F A^T + c - X W^T||^2 + lambda ||A||^2), and the label columns are copied. So
    the new model behaves like the source from its first step, and ``ntm-train --init-from``
    then meta-trains everything together.
+
+``--no-memory`` builds the LSTM-only baseline the same way: the pretrained encoder and a fresh
+controller, so the two differ by the memory alone.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class WarmStartOptions:
     fit_drawings: int = 10000
     ridge: float = 1e-2
     validation_alphabets: tuple[str, ...] = VALIDATION_ALPHABETS
+    use_memory: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -174,6 +178,7 @@ def warm_start(options: WarmStartOptions) -> dict:
             "encoder": "conv",
             "conv_channels": list(options.conv_channels),
             "feature_size": options.feature_size,
+            "use_memory": options.use_memory,
         }
     )
     omniglot = load_omniglot(options.data, config.image_size)
@@ -188,11 +193,13 @@ def warm_start(options: WarmStartOptions) -> dict:
     clean = dict(max_shift=0, max_rotation_deg=0, rotate_classes=False, seed=12345)
     val_ways = min(config.num_ways, len(val))
     one_shot = prototype_accuracy(target.encoder, EpisodeSampler(val, val_ways, 10, **clean), 200)
-    transplant(source, target)
-    fit_sampler = EpisodeSampler(train, config.num_ways, 10, 0.0, seed=options.seed + 1)
-    episodes_needed = -(-options.fit_drawings // fit_sampler.steps)
-    drawings = fit_sampler.sample(episodes_needed).images.flatten(0, 1)[: options.fit_drawings]
-    r2 = fit_input_projection(source, target, drawings, options.ridge)
+    r2 = None
+    if config.use_memory:
+        transplant(source, target)
+        fit_sampler = EpisodeSampler(train, config.num_ways, 10, 0.0, seed=options.seed + 1)
+        episodes_needed = -(-options.fit_drawings // fit_sampler.steps)
+        drawings = fit_sampler.sample(episodes_needed).images.flatten(0, 1)[: options.fit_drawings]
+        r2 = fit_input_projection(source, target, drawings, options.ridge)
     episodes = EpisodeSampler(val, val_ways, 10, **clean)
     record = {
         "source": str(options.source),
@@ -223,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="pretraining episodes per iteration")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--validation-alphabets", nargs="*", default=list(VALIDATION_ALPHABETS))
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="the LSTM-only baseline: the pretrained encoder and a fresh controller (no memory to copy)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
@@ -242,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             validation_alphabets=tuple(args.validation_alphabets),
+            use_memory=not args.no_memory,
             seed=args.seed,
             progress=not args.no_progress,
         )

@@ -119,3 +119,19 @@ def test_ntm_warmstart_writes_a_checkpoint_that_ntm_train_continues(omniglot_zip
     assert trainer.config == model.config
     summary = trainer.run()
     assert summary["iterations"] == 3
+
+
+def test_ntm_warmstart_no_memory_builds_the_lstm_baseline_with_the_pretrained_encoder(omniglot_zip, tmp_path):
+    source_dir = save_checkpoint(flatten_source(), tmp_path / "source")
+    out = tmp_path / "lstm"
+    argv = ["--data", str(omniglot_zip), "--source", str(source_dir), "--out", str(out), "--encoder-iterations", "3"]
+    argv += ["--encoder-ways", "6", "--encoder-shots", "4", "--conv-channels", "4", "8", "--feature-size", "16"]
+    argv += ["--validation-alphabets", "Beta", "Gamma", "--no-progress", "--no-memory"]
+    assert main(argv) == 0
+    model = load_checkpoint(out)
+    assert not model.config.use_memory and model.config.encoder == "conv"
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["input_projection_r2"] is None
+    assert not torch.equal(
+        model.output.weight, load_checkpoint(source_dir).output.weight[:, : model.output.in_features]
+    )
