@@ -132,6 +132,4 @@ def test_ntm_warmstart_no_memory_builds_the_lstm_baseline_with_the_pretrained_en
     assert not model.config.use_memory and model.config.encoder == "conv"
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["input_projection_r2"] is None
-    assert not torch.equal(
-        model.output.weight, load_checkpoint(source_dir).output.weight[:, : model.output.in_features]
-    )
+    assert record["encoder_iterations"] == 3
