@@ -219,15 +219,16 @@ def test_dockerignore_matcher_follows_docker() -> None:
 # ------------------------------------------------------------------------------- package data
 
 
-def test_pretrained_model_is_package_data() -> None:
+@pytest.mark.parametrize("shipped_model", ["pretrained", "flatten"])
+def test_shipped_models_are_package_data(shipped_model: str) -> None:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["models.pretrained"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"][f"models.{shipped_model}"]
     assert {"*.json", "*.safetensors"} <= set(patterns)
-    shipped = ROOT / "models" / "pretrained"
+    shipped = ROOT / "models" / shipped_model
     for name in ("config.json", "model.safetensors"):
         assert (shipped / name).is_file()
     for path in shipped.iterdir():

@@ -1,12 +1,15 @@
 """Checkpoints: config.json + model.safetensors round trip, and clear refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import models
 from models import NTM, CheckpointError, NTMConfig, load_checkpoint, save_checkpoint
+from models.data.omniglot import VALIDATION_ALPHABETS
 
 SMALL = NTMConfig(memory_slots=8, memory_width=4, hidden_size=8, conv_channels=(4,), feature_size=6)
 
@@ -56,3 +59,24 @@ def test_malformed_files_are_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("directory", ["pretrained", "flatten"])
+def test_shipped_models_load_and_record_their_evaluation(directory):
+    """Each shipped model loads, and its record names held-out alphabets and the table ntm-eval printed."""
+    path = Path(models.__file__).parent / directory
+    model = load_checkpoint(path)
+    record = json.loads((path / "metrics.json").read_text())
+    evaluation = record["evaluation"]
+    assert evaluation["episodes"] == 1000 and evaluation["ways"] == model.config.num_ways
+    assert set(evaluation["by_instance"]) == {"1", "2", "3", "4", "5", "10"}
+    assert tuple(evaluation["validation_alphabets"]) == VALIDATION_ALPHABETS
+
+
+def test_the_default_model_meets_the_quality_target_on_record():
+    """The shipped default: the better of the two on record, at >= 85% (2nd instance) and >= 95% (10th)."""
+    shipped = Path(models.__file__).parent
+    default = json.loads((shipped / "pretrained" / "metrics.json").read_text())["evaluation"]["by_instance"]
+    flatten = json.loads((shipped / "flatten" / "metrics.json").read_text())["evaluation"]["by_instance"]
+    assert default["2"]["accuracy"] >= 0.85 and default["10"]["accuracy"] >= 0.95
+    assert all(default[k]["accuracy"] > flatten[k]["accuracy"] for k in ("2", "10"))
