@@ -220,7 +220,12 @@ def warm_start(options: WarmStartOptions) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ntm-warmstart", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="Omniglot folder or zip")
-    parser.add_argument("--source", type=Path, default=Path(__file__).parent / "flatten", help="trained NTM to copy (default: the shipped flatten NTM)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path(__file__).parent / "flatten",
+        help="trained NTM to copy (default: the shipped flatten NTM)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--conv-channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--feature-size", type=int, default=64)
