@@ -144,7 +144,9 @@ def transplant(source: NTM, target: NTM) -> None:
     kept = {
         name: tensor for name, tensor in source.state_dict().items() if not name.startswith(("encoder.", "input_proj."))
     }
-    target.load_state_dict(kept, strict=False)
+    result = target.load_state_dict(kept, strict=False)
+    if result.unexpected_keys:  # compatible configs make the same tensors; anything else is a bug to stop on
+        raise ValueError(f"the source has tensors the new model lacks: {', '.join(result.unexpected_keys)}")
 
 
 @dataclass
