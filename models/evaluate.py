@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import load_checkpoint, resolve_device
-from models.data.episodes import EpisodeSampler
+from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import load_omniglot
 from models.ntm import NTM
 
@@ -102,16 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for path, model in models.items():
         ways = args.ways or model.config.num_ways
-        sampler = EpisodeSampler(
-            data,
-            ways,
-            args.shots,
-            rotate_classes=args.rotate_classes,
-            max_shift=0,
-            max_rotation_deg=0,
-            seed=args.seed,
-            device=device,
-        )
+        sampler = evaluation_sampler(data, ways, args.shots, args.seed, args.rotate_classes, device)
         results[path] = evaluate(model, sampler, args.episodes, args.batch_size)
     print(format_table(results))
     if args.json:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, resolve_device, save_checkpoint
 from models.config import NTMConfig
-from models.data.episodes import EpisodeSampler
+from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
 from models.evaluate import evaluate
 from models.ntm import NTM
@@ -211,8 +211,7 @@ class Trainer:
             config = options.config
         self.config = config
         omniglot = load_omniglot(options.data, config.image_size)
-        train_set = omniglot.select(options.validation_alphabets, exclude=True)
-        val_set = omniglot.select([a for a in options.validation_alphabets if a in omniglot.alphabets])
+        train_set, val_set = omniglot.split(options.validation_alphabets)
         ways = config.num_ways
         self.sampler = EpisodeSampler(
             train_set.as_array(), ways, options.shots, options.unlabeled_prob, seed=options.seed, device=self.device
@@ -235,16 +234,7 @@ class Trainer:
             (options.out / METRICS_FILE).write_text("")
 
     def validate(self) -> dict:
-        sampler = EpisodeSampler(
-            self.val_data,
-            self.config.num_ways,
-            self.options.shots,
-            max_shift=0,
-            max_rotation_deg=0,
-            rotate_classes=False,
-            seed=12345,
-            device=self.device,
-        )
+        sampler = evaluation_sampler(self.val_data, self.config.num_ways, self.options.shots, device=self.device)
         return evaluate(self.model, sampler, self.options.val_episodes)
 
     def progress(self) -> float:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import NTMConfig
-from models.data.episodes import EpisodeBatch, EpisodeSampler
+from models.data.episodes import EpisodeBatch, EpisodeSampler, evaluation_sampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
 from models.evaluate import evaluate
 from models.ntm import NTM
@@ -184,17 +184,15 @@ def warm_start(options: WarmStartOptions) -> dict:
         }
     )
     omniglot = load_omniglot(options.data, config.image_size)
-    train = omniglot.select(options.validation_alphabets, exclude=True).as_array()
-    val = omniglot.select([a for a in options.validation_alphabets if a in omniglot.alphabets]).as_array()
+    train, val = (part.as_array() for part in omniglot.split(options.validation_alphabets))
     target = NTM(config)
     sampler = EpisodeSampler(train, options.encoder_ways, options.encoder_shots, 0.0, seed=options.seed)
     losses = pretrain_encoder(
         target.encoder, sampler, options.encoder_iterations, options.batch_size, options.lr, options.progress
     )
     target.encoder.eval()
-    clean = dict(max_shift=0, max_rotation_deg=0, rotate_classes=False, seed=12345)
     val_ways = min(config.num_ways, len(val))
-    one_shot = prototype_accuracy(target.encoder, EpisodeSampler(val, val_ways, 10, **clean), 200)
+    one_shot = prototype_accuracy(target.encoder, evaluation_sampler(val, val_ways, 10), 200)
     r2 = None
     if config.use_memory:
         transplant(source, target)
@@ -202,7 +200,6 @@ def warm_start(options: WarmStartOptions) -> dict:
         episodes_needed = -(-options.fit_drawings // fit_sampler.steps)
         drawings = fit_sampler.sample(episodes_needed).images.flatten(0, 1)[: options.fit_drawings]
         r2 = fit_input_projection(source, target, drawings, options.ridge)
-    episodes = EpisodeSampler(val, val_ways, 10, **clean)
     record = {
         "source": str(options.source),
         "config": config.to_dict(),
@@ -211,7 +208,7 @@ def warm_start(options: WarmStartOptions) -> dict:
         "validation_alphabets": list(options.validation_alphabets),
         "encoder_1shot_accuracy": one_shot,
         "input_projection_r2": r2,
-        "validation": evaluate(target, episodes, 300),
+        "validation": evaluate(target, evaluation_sampler(val, val_ways, 10), 300),
         "seconds": round(time.monotonic() - started, 1),
     }
     save_checkpoint(target, options.out)

@@ -164,3 +164,21 @@ class EpisodeSampler:
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+VALIDATION_SEED = 12345
+
+
+def evaluation_sampler(
+    images: np.ndarray | torch.Tensor,
+    ways: int,
+    shots: int,
+    seed: int = VALIDATION_SEED,
+    rotate_classes: bool = False,
+    device: str | torch.device = "cpu",
+) -> EpisodeSampler:
+    """Episodes for measuring a model: every step labeled, no shifts or rotations of the drawings,
+    and (by default) no rotated classes, so the same seed gives the same episodes to every model."""
+    return EpisodeSampler(
+        images, ways, shots, rotate_classes=rotate_classes, max_shift=0, max_rotation_deg=0, seed=seed, device=device
+    )

@@ -58,6 +58,11 @@ class Omniglot:
         keep = [i for i, (a, _) in enumerate(self.characters) if (a in wanted) != exclude]
         return Omniglot([self.images[i] for i in keep], [self.characters[i] for i in keep])
 
+    def split(self, validation_alphabets: list[str] | tuple[str, ...]) -> tuple[Omniglot, Omniglot]:
+        """(training, validation): the validation alphabets present here are held out whole."""
+        held_out = [a for a in validation_alphabets if a in self.alphabets]
+        return self.select(validation_alphabets, exclude=True), self.select(held_out)
+
 
 def _index(names: list[str]) -> dict[tuple[str, str], list[str]]:
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
