@@ -3,11 +3,15 @@
 A request hands the batcher a job: one session's state and the T steps to run from it (the
 images and each step's label input, all known before the model runs, since a step's label
 input is the previous step's label slot). One worker thread keeps a set of active jobs, at
-most ``max_batch``; each model call runs the next step of every active job, stacked into one
-batch under ``torch.inference_mode``. A job leaves the set when its last step is done, and
-only then is its request woken, with every step's probabilities and the final state. So a
-request of T steps costs the event loop one wake-up, not T, and a batch never holds two
-steps of one session.
+most ``max_batch``. When jobs join the set, the part of their steps that does not depend on
+the recurrence (the images' ``ink``, the last step of the shared preprocessing, then the
+encoder and the controller's input projection, ``NTM.precompute_inputs``) runs once over all
+their images together; each model call then runs only the recurrent part
+(``NTM.recurrent_step``) of the next step of every active job, stacked into one batch under
+``torch.inference_mode``. A job leaves the set when its last step is done, and only then is
+its request woken, with every step's probabilities and the final state. So a request of T
+steps costs the event loop one wake-up, not T, and a batch never holds two steps of one
+session.
 
 A lone client adds no latency: when the previous model call held a single step, the worker
 runs what it has at once. Under concurrent load it waits up to ``max_wait`` for new jobs
@@ -24,21 +28,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models import NTM, NTMState, PackedState
+from models.data.preprocess import ink
 from service.logs import log
+
+PRECOMPUTE_CHUNK = 256  # images per encoder call: its activations stay in cache (3 MB for the conv encoder)
 
 
 @dataclass
 class _Job:
     state: PackedState  # the session's state when queued; the batcher carries it on from there
-    images: list[torch.Tensor]  # T images [S, S]
+    images: list[np.ndarray]  # T images: gray levels at the model's size [S, S] (``fit_size``)
     label_slots: list[int]  # T label inputs: the slot of the previous step's label, -1 for none
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
-    probabilities: list[torch.Tensor] = field(default_factory=list)
+    inputs: tuple[torch.Tensor, ...] = ()  # T controller pre-activations [4*hidden], made when the job joins
+    probabilities: list[list[float]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -70,9 +79,9 @@ class MicroBatcher:
         self._thread.start()
 
     async def run(
-        self, state: PackedState, images: list[torch.Tensor], label_slots: list[int]
-    ) -> tuple[torch.Tensor, PackedState]:
-        """T successive steps of one session: (probabilities [T, num_ways], the state after the last)."""
+        self, state: PackedState, images: list[np.ndarray], label_slots: list[int]
+    ) -> tuple[list[list[float]], PackedState]:
+        """T successive steps of one session: (T lists of num_ways probabilities, the state after the last)."""
         if len(images) != len(label_slots) or not images:
             raise ValueError("a job needs one label input per image, and at least one image")
         if self._closed:
@@ -82,8 +91,8 @@ class MicroBatcher:
         self._queue.put(_Job(state, images, label_slots, future, loop, time.perf_counter()))
         return await future
 
-    async def step(self, state: PackedState, image: torch.Tensor, label_slot: int) -> tuple[torch.Tensor, PackedState]:
-        """One step of one session: (probabilities [num_ways], new state)."""
+    async def step(self, state: PackedState, image: np.ndarray, label_slot: int) -> tuple[list[float], PackedState]:
+        """One step of one session: (num_ways probabilities, new state)."""
         probabilities, state = await self.run(state, [image], [label_slot])
         return probabilities[0], state
 
@@ -159,19 +168,18 @@ class MicroBatcher:
                 parts = [] if self._carry is None else [self._carry]
                 if joined:
                     parts.append(torch.stack([job.state.data.to(device) for job in joined]))
+                    self._precompute(joined, device)
                 states = NTMState.unpack(parts[0] if len(parts) == 1 else torch.cat(parts), layout)
-                t = [len(job.probabilities) for job in active]
-                images = torch.stack([job.images[i] for job, i in zip(active, t, strict=True)]).to(device)
-                slots = torch.tensor([job.label_slots[i] for job, i in zip(active, t, strict=True)], device=device)
-                logits, new_states = self.model.step(states, images, self.model.label_input(slots))
-                probabilities = torch.softmax(logits.float(), dim=-1).cpu()
+                inputs = torch.stack([job.inputs[len(job.probabilities)] for job in active])
+                logits, new_states = self.model.recurrent_step(inputs, states)
+                probabilities = torch.softmax(logits.float(), dim=-1).tolist()
                 rows = new_states.pack()
             remaining, keep = [], []
             for index, (job, probs) in enumerate(zip(active, probabilities, strict=True)):
                 job.probabilities.append(probs)
                 if job.done:  # the session keeps this state: a copy of its own in host memory, not a view
                     state = PackedState(rows[index].to("cpu", copy=True), layout)
-                    finished.append((job, (torch.stack(job.probabilities), state)))
+                    finished.append((job, (job.probabilities, state)))
                 else:
                     remaining.append(job)
                     keep.append(index)
@@ -190,6 +198,23 @@ class MicroBatcher:
         for loop, outcomes in by_loop.items():
             _wake(loop, _resolve_all, outcomes)
         return remaining
+
+    def _precompute(self, joined: list[_Job], device: torch.device) -> None:
+        """Every step's input part of the jobs that join (``ink``, ``NTM.precompute_inputs``), in few encoder calls."""
+        images = [image for job in joined for image in job.images]
+        slots = [slot for job in joined for slot in job.label_slots]
+        chunks = [
+            self.model.precompute_inputs(
+                torch.from_numpy(ink(np.stack(images[start : start + PRECOMPUTE_CHUNK]))).to(device),
+                self.model.label_input(torch.tensor(slots[start : start + PRECOMPUTE_CHUNK], device=device)),
+            )
+            for start in range(0, len(images), PRECOMPUTE_CHUNK)
+        ]
+        rows = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).unbind(0)
+        start = 0
+        for job in joined:
+            job.inputs = rows[start : start + len(job.images)]
+            start += len(job.images)
 
 
 def _wake(loop: asyncio.AbstractEventLoop, callback: Callable, *args: object) -> None:

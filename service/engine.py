@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
 from service.batching import BatcherClosed
 from service.errors import APIError
@@ -36,9 +36,9 @@ CONFLICT_BACKOFF_SECONDS = 0.002
 
 @dataclass(frozen=True)
 class StepInput:
-    """One step after validation: the model-ready image, the client's label, the expected index."""
+    """One step after validation: its gray levels at the model's size, the client's label, the expected index."""
 
-    image: torch.Tensor
+    image: np.ndarray
     label: slots.Label | None = None
     step: int | None = None
 
@@ -261,7 +261,7 @@ class SessionEngine:
             raise unavailable("the server is shutting down") from None
         labeled, correct = record.labeled_steps, record.correct_steps
         results = []
-        for offset, (probs, (before, after, slot)) in enumerate(zip(probabilities.tolist(), plan, strict=True)):
+        for offset, (probs, (before, after, slot)) in enumerate(zip(probabilities, plan, strict=True)):
             top = max(range(len(probs)), key=probs.__getitem__)
             if slot is not None:
                 labeled += 1

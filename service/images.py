@@ -1,6 +1,9 @@
-"""Request images to model input: decode, validate with limits, then ``models.data.preprocess``.
+"""Request images to gray levels at the model's size: decode, validate with limits, ``fit_size``.
 
-Bad input stops here with a 422 that says what is wrong; it never reaches the model.
+Bad input stops here with a 422 that says what is wrong; it never reaches the model. The
+last step of the shared preprocessing, ``ink``, runs on the model's thread over a whole batch
+(``service.batching``): on the event loop each NumPy call over an image releases the GIL,
+and getting it back from the busy model thread costs more than the call.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ import binascii
 
 import anyio.to_thread
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from models.data.preprocess import decode_grayscale, preprocess
+from models.data.preprocess import decode_grayscale
 from service.errors import APIError
 
 
@@ -73,14 +75,25 @@ async def decode_png_async(encoded: str, max_side: int) -> np.ndarray:
 
 
 def pixels_array(pixels: list[list[float]], max_side: int) -> np.ndarray:
-    """A 2-D array of 0-255 gray levels, rectangular, finite and in range."""
+    """Rows of gray levels -> float32 [H, W], rectangular and within the size limit.
+
+    Each level is already a finite number in [0, 255]: the request schema checks that while
+    it parses the JSON (``service.api.schemas.PixelLevel``), at no extra cost per pixel.
+    """
     if not pixels or not pixels[0]:
         raise invalid_image("pixels is empty")
     width = len(pixels[0])
     _check_side(len(pixels), width, max_side)
     if any(len(row) != width for row in pixels):
         raise invalid_image("pixels rows differ in length; send a rectangular 2-D array")
-    array = np.asarray(pixels, dtype=np.float64)  # checked before the cast: to float32, 1e300 overflows (and warns)
+    return np.asarray(pixels, dtype=np.float32)
+
+
+def gray_array(array: np.ndarray, max_side: int) -> np.ndarray:
+    """A numeric 2-D array of gray levels (a tensor of the Open Inference Protocol), checked: finite, in [0, 255]."""
+    _check_side(*array.shape, max_side)
+    if array.dtype == np.uint8:
+        return array
     if not (array.min() >= 0 and array.max() <= 255):  # False for NaN too, so one test passes every good image
         if not np.isfinite(array).all():
             raise invalid_image("pixels hold NaN or infinite values")
@@ -88,6 +101,19 @@ def pixels_array(pixels: list[list[float]], max_side: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def to_model_input(gray: np.ndarray, image_size: int) -> torch.Tensor:
-    """The shared preprocessing, as a float32 tensor [S, S]."""
-    return torch.from_numpy(preprocess(gray, image_size))
+def level_error_message(error: dict) -> str | None:
+    """The message for a schema error on one pixel level (see ``PixelLevel``), or None for any other error."""
+    location = error.get("loc", ())
+    if "pixels" not in location or error.get("type") not in LEVEL_ERRORS:
+        return None
+    at = location.index("pixels")
+    where = ".".join(str(p) for p in location[:at] if p not in ("single", "batch"))
+    cell = "pixels" + "".join(f"[{p}]" for p in location[at + 1 :])
+    return f"{LEVEL_ERRORS[error['type']]} ({(where + '.' if where else '') + cell})"
+
+
+LEVEL_ERRORS = {
+    "finite_number": "pixels hold NaN or infinite values",
+    "greater_than_equal": "pixels must be gray levels in [0, 255]",
+    "less_than_equal": "pixels must be gray levels in [0, 255]",
+}

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.data.preprocess import fit_size
 from service.api.v1 import get_engine, get_owner
 from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailable
 from service.errors import APIError, is_protocol_path, v2_error_response
-from service.images import decode_png_async, pixels_array, to_model_input
+from service.images import decode_png_async, gray_array
 from service.logs import log
 from service.registry import ServedModel
 from service.sessions.store import SessionExists, SessionRecord
@@ -272,16 +272,16 @@ def image_side(item: RequestInput, max_side: int) -> None:
         raise bad(f"input 'IMAGE' is {shape[1]}x{shape[0]}: each side must be 1 to {max_side}")
 
 
-async def image_input(item: RequestInput, raw: bytes | None, max_side: int, image_size: int) -> torch.Tensor:
-    """The model-ready image, through the same checks and preprocessing as /v1 images."""
+async def image_input(item: RequestInput, raw: bytes | None, max_side: int, image_size: int) -> np.ndarray:
+    """The gray levels at the model's size, through the same checks and preprocessing as /v1 images."""
     try:
         if item.datatype == "BYTES":
             gray = await decode_png_async(encoded_file(item, raw), max_side)
         else:
-            gray = pixels_array(numeric(item, raw).reshape(item.shape[-2:]).tolist(), max_side)
+            gray = gray_array(numeric(item, raw).reshape(item.shape[-2:]), max_side)
     except APIError as exc:
         raise bad(f"input 'IMAGE': {exc.message}") from None
-    return to_model_input(np.asarray(gray), image_size)
+    return fit_size(gray, image_size)
 
 
 def label_input(item: RequestInput, raw: bytes | None, num_ways: int) -> int | None:

@@ -181,6 +181,8 @@ async def test_bad_image_messages_say_what_is_wrong(client: httpx.AsyncClient) -
         (image(png=blank_png_base64(600, 600)), "600"),
         (raw('{"image": {"pixels": [[NaN]]}}'), "NaN"),
         (image(pixels=[[300]]), "[0, 255]"),
+        (image(pixels=[[0, 0], [0, -1]]), "image.pixels[1][1]"),
+        ({"json": {"steps": [STEP, step_body([[0, 256]])]}}, "steps.1.image.pixels[0][1]"),
         (image(pixels=[[0, 0], [0]]), "rectangular"),
         (image(png="%%%"), "base64"),
         (image(), "exactly one of png, pixels or gray8"),

@@ -110,3 +110,14 @@ def test_usage_update_by_hand():
     read = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
     write = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     assert torch.allclose(addressing.update_usage(usage, read, write, 0.9), torch.tensor([[2.4, 1.5]]))
+
+
+def test_write_equals_erase_then_add_at_batch_size():
+    """The fused write (M - w (M e - a)) against eqs. 3 and 4 spelled out, on a batch of random memories."""
+    generator = torch.Generator().manual_seed(5)
+    memory, w = torch.rand(4, 16, 8, generator=generator), torch.softmax(torch.rand(4, 16, generator=generator), -1)
+    erase, add = torch.rand(4, 8, generator=generator), torch.randn(4, 8, generator=generator)
+    erased = memory * (1 - w.unsqueeze(-1) * erase.unsqueeze(1))
+    assert torch.allclose(
+        addressing.write(memory, w, erase, add), erased + w.unsqueeze(-1) * add.unsqueeze(1), atol=1e-6
+    )

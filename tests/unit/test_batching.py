@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
 from models import NTM, NTMConfig
+from models.data.preprocess import preprocess
 from service.batching import BatcherClosed, MicroBatcher
 
 pytestmark = pytest.mark.anyio
@@ -20,20 +22,25 @@ def model() -> NTM:
     return NTM(CONFIG).eval()
 
 
-def reference(model: NTM, images: list[torch.Tensor], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities of T plain ``model.step`` calls from the initial state, and the final packed state."""
+def reference(model: NTM, images: list[np.ndarray], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities of T plain ``model.step`` calls on the preprocessed images, and the final packed state."""
     with torch.inference_mode():
         state, probabilities = model.initial_state(1), []
         for image, slot in zip(images, slots, strict=True):
-            logits, state = model.step(state, image[None], model.label_input(torch.tensor([slot])))
+            pixels = torch.from_numpy(preprocess(image, CONFIG.image_size))[None]
+            logits, state = model.step(state, pixels, model.label_input(torch.tensor([slot])))
             probabilities.append(torch.softmax(logits[0], -1))
     return torch.stack(probabilities), state.sessions()[0].data
 
 
-def job(seed: int, steps: int) -> tuple[list[torch.Tensor], list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    images = [torch.rand(28, 28, generator=generator) for _ in range(steps)]
-    slots = [-1] + [int(s) for s in torch.randint(-1, 5, (steps - 1,), generator=generator)]
+def job(seed: int, steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """Gray levels at the model's size, as the service hands them over: 8-bit (gray8, PNG) and float (pixels) mixed."""
+    rng = np.random.default_rng(seed)
+    images = [
+        rng.integers(0, 256, (28, 28), dtype=np.uint8) if t % 2 else rng.uniform(0, 255, (28, 28)).astype(np.float32)
+        for t in range(steps)
+    ]
+    slots = [-1] + [int(s) for s in rng.integers(-1, 5, steps - 1)]
     return images, slots
 
 
@@ -46,8 +53,9 @@ async def test_jobs_of_different_lengths_share_model_calls_and_match_plain_steps
         results = await asyncio.gather(*(batcher.run(initial, images, slots) for images, slots in jobs))
     finally:
         batcher.close()
-    for (images, slots), (probabilities, state) in zip(jobs, results, strict=True):
+    for (images, slots), (rows, state) in zip(jobs, results, strict=True):
         expected_probabilities, expected_state = reference(model, images, slots)
+        probabilities = torch.tensor(rows)
         assert probabilities.shape == (len(images), CONFIG.num_ways)
         assert torch.allclose(probabilities, expected_probabilities, atol=1e-6)
         assert torch.allclose(state.data, expected_state, atol=1e-6)
@@ -64,7 +72,7 @@ async def test_step_is_a_job_of_one(model: NTM) -> None:
     finally:
         batcher.close()
     expected_probabilities, expected_state = reference(model, images, slots)
-    assert torch.allclose(probabilities, expected_probabilities[0], atol=1e-6)
+    assert torch.allclose(torch.tensor(probabilities), expected_probabilities[0], atol=1e-6)
     assert torch.allclose(state.data, expected_state, atol=1e-6)
 
 
@@ -73,10 +81,10 @@ async def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on(model: NTM)
     initial = model.initial_state(1).sessions()[0]
     try:
         with pytest.raises(RuntimeError):
-            await batcher.run(initial, [torch.rand(5, 5)], [-1])  # not the model's image size
+            await batcher.run(initial, [np.zeros((5, 5), np.float32)], [-1])  # not the model's image size
         images, slots = job(1, 3)
         probabilities, _ = await batcher.run(initial, images, slots)
-        assert torch.allclose(probabilities, reference(model, images, slots)[0], atol=1e-6)
+        assert torch.allclose(torch.tensor(probabilities), reference(model, images, slots)[0], atol=1e-6)
     finally:
         batcher.close()
 

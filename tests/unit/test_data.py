@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.data.episodes import EpisodeSampler, affine_grid, assign_slots, instance_numbers, offset_label_inputs
 from models.data.omniglot import download_omniglot, load_omniglot
-from models.data.preprocess import decode_grayscale, preprocess
+from models.data.preprocess import check_gray, decode_grayscale, fit_size, ink, preprocess
 from tests.conftest import CHARACTERS_PER_ALPHABET, DRAWINGS, FIXTURE_ALPHABETS
 
 
@@ -56,6 +56,20 @@ def test_preprocess_of_8_bit_levels_equals_the_float_path_bit_for_bit():
     assert np.array_equal(preprocess(small, 28), preprocess(small.astype(np.float64), 28))
 
 
+def test_ink_of_a_mixed_stack_equals_each_image_preprocessed_alone():
+    """The service's split: fit_size per request, ink over the batch (8-bit and float images mixed)."""
+    rng = np.random.default_rng(1)
+    grays = [
+        rng.integers(0, 256, (28, 28), dtype=np.uint8),
+        rng.uniform(0, 255, (28, 28)).astype(np.float32),
+        rng.integers(0, 256, (40, 33), dtype=np.uint8),  # resized: float32
+    ]
+    batch = ink(np.stack([fit_size(check_gray(g), 28) for g in grays]))
+    assert batch.dtype == np.float32
+    for row, gray in zip(batch, grays, strict=True):
+        assert np.array_equal(row, preprocess(gray, 28))
+
+
 @pytest.mark.parametrize(
     "bad", [np.zeros((0, 4)), np.zeros((3,)), np.full((4, 4), np.nan), np.full((4, 4), -1.0), np.full((4, 4), 256.0)]
 )
@@ -70,7 +84,7 @@ def test_decode_handles_png_jpeg_and_transparency():
     buffer = io.BytesIO()
     rgba.save(buffer, "PNG")
     gray = decode_grayscale(buffer.getvalue())
-    assert gray[0, 0] == 255.0 and gray[5, 5] == 0.0
+    assert gray.dtype == np.uint8 and gray[0, 0] == 255 and gray[5, 5] == 0
     jpeg = io.BytesIO()
     Image.new("L", (8, 6), 200).save(jpeg, "JPEG")
     assert decode_grayscale(jpeg.getvalue()).shape == (6, 8)
