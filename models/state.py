@@ -67,6 +67,11 @@ class NTMState:
             raise ValueError("cannot stack an empty list of states")
         return NTMState(*(torch.cat(parts, dim=0) for parts in zip(*(s.tensors() for s in states), strict=True)))
 
+    def select(self, indices: list[int]) -> NTMState:
+        """The sessions at ``indices``, in that order, as a new state (a copy)."""
+        index = torch.tensor(indices, device=self.h.device)
+        return NTMState(*(t.index_select(0, index) for t in self.tensors()))
+
     def split(self) -> list[NTMState]:
         """One state of batch size 1 per session, each owning its own storage."""
         return [NTMState(*(t[i : i + 1].clone() for t in self.tensors())) for i in range(self.batch_size)]

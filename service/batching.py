@@ -73,7 +73,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait = max_batch, max_wait
         self._observe = observe  # (batch size, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._carry: torch.Tensor | None = None  # the packed states of the jobs under way (see _compute)
+        self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -150,12 +150,13 @@ class MicroBatcher:
     def _compute(self, active: list[_Job]) -> list[_Job]:
         """One model call over the next step of every active job; returns the jobs still under way.
 
-        The jobs still under way keep their states as rows of one tensor (``_carry``) between
-        calls, in order, so the next call stacks only the jobs that joined since; a job's own
-        state is copied out once, when it finishes.
+        The jobs still under way keep their states, in order, as the model's output state
+        (``_carry``) between calls: the next call adds only the jobs that joined since, and a
+        call that no job joins or leaves copies no state at all. A job's own state is packed
+        into a vector of its own once, when it finishes.
         """
         started = time.perf_counter()
-        carried = 0 if self._carry is None else self._carry.shape[0]
+        carried = 0 if self._carry is None else self._carry.batch_size
         joined = active[carried:]
         wait = started - min(job.enqueued for job in joined) if joined else 0.0
         finished: list[tuple[_Job, object]] = []
@@ -163,27 +164,30 @@ class MicroBatcher:
             with torch.inference_mode():
                 device = self.model.device
                 layout = active[0].state.layout
-                if any(job.state.layout != layout for job in joined):
-                    raise ValueError("cannot batch states of different layouts")
-                parts = [] if self._carry is None else [self._carry]
+                states = self._carry
                 if joined:
-                    parts.append(torch.stack([job.state.data.to(device) for job in joined]))
+                    incoming = PackedState.stack([job.state for job in joined], device)
+                    if states is not None and incoming.layout != states.layout:
+                        raise ValueError("cannot batch states of different layouts")
+                    states = incoming if states is None else NTMState.stack([states, incoming])
                     self._precompute(joined, device)
-                states = NTMState.unpack(parts[0] if len(parts) == 1 else torch.cat(parts), layout)
                 inputs = torch.stack([job.inputs[len(job.probabilities)] for job in active])
                 logits, new_states = self.model.recurrent_step(inputs, states)
                 probabilities = torch.softmax(logits.float(), dim=-1).tolist()
-                rows = new_states.pack()
-            remaining, keep = [], []
+            remaining, keep, done = [], [], []
             for index, (job, probs) in enumerate(zip(active, probabilities, strict=True)):
                 job.probabilities.append(probs)
-                if job.done:  # the session keeps this state: a copy of its own in host memory, not a view
-                    state = PackedState(rows[index].to("cpu", copy=True), layout)
-                    finished.append((job, (job.probabilities, state)))
+                if job.done:
+                    done.append(index)
                 else:
                     remaining.append(job)
                     keep.append(index)
-            self._carry = None if not keep else rows if len(keep) == len(active) else rows[keep]
+            if done:  # each session keeps a copy of its own in host memory, never a view into the batch
+                rows = new_states.select(done).pack().to("cpu")
+                for index, row in zip(done, rows.unbind(0), strict=True):
+                    job = active[index]
+                    finished.append((job, (job.probabilities, PackedState(row.clone(), layout))))
+            self._carry = None if not keep else new_states if not done else new_states.select(keep)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining, self._carry = [(job, exc) for job in active], [], None
         if self._observe is not None:
