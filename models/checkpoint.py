@@ -50,7 +50,13 @@ def load_config(directory: str | Path) -> NTMConfig:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> NTM:
-    """Build the model that ``config.json`` describes and load ``model.safetensors`` into it."""
+    """Build the model that ``config.json`` describes and load ``model.safetensors`` into it, for inference.
+
+    The model comes in eval mode, its convolution weights channels-last (NHWC): with them,
+    oneDNN runs the conv encoder 1.6x faster at 64-256 images a call on this project's CPU
+    (measured interleaved, same values within 1e-5). ``save_checkpoint`` stores any layout
+    as plain contiguous tensors, and a model trained from these weights copies their values.
+    """
     config = load_config(directory)
     weights_path = Path(directory) / WEIGHTS_FILE
     try:
@@ -74,7 +80,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if bad:
         raise CheckpointError(f"{weights_path}: non-finite values in {', '.join(bad)}")
     model.load_state_dict(tensors)
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def resolve_device(name: str = "cpu") -> torch.device:

@@ -154,11 +154,12 @@ def test_lrua_writes_new_samples_to_fresh_slots():
     assert written.sum().item() == 6  # 3 steps x 2 heads, each in a slot of its own
 
 
-def test_conv_encoder_in_channels_last_gives_the_plain_layouts_values():
-    """The encoder feeds oneDNN channels-last images; its features must equal the default (NCHW) computation."""
+def test_conv_encoder_with_channels_last_weights_gives_the_same_features():
+    """``load_checkpoint`` serves the conv weights channels-last; the features must not change."""
     model = make_model(encoder="conv")
     images = torch.rand(6, 28, 28, generator=torch.Generator().manual_seed(2))
-    encoder = model.encoder
     with torch.inference_mode():
-        plain = encoder.norm(encoder.project(encoder.convs(images.unsqueeze(1).contiguous()).flatten(1)))
-        assert torch.allclose(encoder(images), plain, atol=1e-6)
+        plain = model.encoder(images)
+        model.to(memory_format=torch.channels_last)
+        assert model.encoder.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(model.encoder(images), plain, atol=1e-6)
