@@ -51,6 +51,21 @@ def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
     return body
 
 
+def server_env(store: str = "memory://", model: str | None = None) -> dict[str, str]:
+    """The benchmarked server's settings: one torch thread, no access log, room for every session."""
+    env = {
+        "NTM_STORE": store,
+        "NTM_ACCESS_LOG": "false",
+        "NTM_LOG_LEVEL": "warning",
+        "NTM_THREADS": "1",
+        "NTM_MAX_SESSIONS": "1000000",
+        "NTM_REDIS_PREFIX": f"ntmbench:{os.getpid()}:",
+    }
+    if model:
+        env["NTM_MODELS"] = model
+    return env
+
+
 def open_sessions(url: str, count: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=30) as client:
         return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
@@ -59,17 +74,7 @@ def open_sessions(url: str, count: int) -> list[str]:
 def measure_store(
     store: str, model: str | None, seconds: float, concurrency: int, cpus: tuple[int, int], image: str = "pixels"
 ) -> dict:
-    env = {
-        "NTM_STORE": store,
-        "NTM_ACCESS_LOG": "false",
-        "NTM_LOG_LEVEL": "warning",
-        "NTM_THREADS": "1",
-        "NTM_MAX_SESSIONS": "1000000",
-    }
-    if model:
-        env["NTM_MODELS"] = model
-    env["NTM_REDIS_PREFIX"] = f"ntmbench:{os.getpid()}:"
-    server = ServerProcess(env).wait_ready()
+    server = ServerProcess(server_env(store, model)).wait_ready()
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]

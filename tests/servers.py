@@ -48,7 +48,8 @@ class ServerProcess:
 
     By default ``python -m uvicorn service.app:app_from_env --factory`` on a free port, with
     ``env`` (NTM_* variables) on top of a clean environment; ``args`` runs another command
-    line (``ntm-serve``, say) that listens on ``port``. ``stop`` sends SIGTERM and waits.
+    line (``ntm-serve``, say) that listens on ``port``. ``cwd``: the checkout whose code it runs
+    (this one by default; ``bench.http_ab`` runs another beside it). ``stop`` sends SIGTERM and waits.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class ServerProcess:
         args: Sequence[str] | None = None,
         port: int | None = None,
         log_path: Path | None = None,
+        cwd: Path = ROOT,
         log_level: str = "warning",
     ) -> None:
         self.port = port or free_port()
@@ -72,7 +74,7 @@ class ServerProcess:
             args = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1"]
             args += ["--port", str(self.port), "--log-level", log_level, "--no-access-log"]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(list(args), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(list(args), cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -122,6 +122,23 @@ def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, re
     assert "steps vs /healthz" in capsys.readouterr().out
 
 
+def test_http_ab_bench_runs_two_checkouts_side_by_side(tmp_path, capsys):
+    from bench import http_ab
+    from tests.servers import ROOT
+
+    out = tmp_path / "ab.json"
+    argv = ["--baseline", str(ROOT), "--image", "gray8", "--rounds", "1", "--seconds", "0.3", "--json", str(out)]
+    assert http_ab.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert sorted((r["server"], r["image"], r["phase"]) for r in results) == sorted(
+        (server, image, phase)
+        for server in ("baseline", "this")
+        for image, phase in (("gray8", "single"), ("gray8", "batch"), ("-", "healthz"))
+    )
+    assert all(r["errors"] == 0 and r["steps_per_s"] > 0 and r["cpu_us_per_step"] >= 0 for r in results)
+    assert "context switches/step" in capsys.readouterr().out
+
+
 def test_soak_bench_completes_every_episode_without_errors(tmp_path, tiny_checkpoint):
     from bench import soak
 

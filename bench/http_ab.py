@@ -1,0 +1,132 @@
+"""``python -m bench.http_ab --baseline DIR``: this checkout's server against another checkout's, side by side.
+
+Two real uvicorn servers, one worker each, every thread of both pinned to the same core; the
+load generator, on the other core, drives them in alternation: each round runs every phase on
+each server in a shuffled order (64 sessions of single steps and of the batch form, 10 steps a
+request, for each image form; GET /healthz at 64 connections). Per server and phase it reports
+the median steps/s, the server's CPU time per step (user + system time of all its threads,
+from /proc) as a median and a minimum over the rounds, and its context switches per step.
+
+Why CPU time: on a shared machine other tenants slow a run down by minutes at a time, so
+rates from different minutes do not compare; CPU time per step is the server's own work, and
+noise can only add to it, so its minimum is the steadiest figure. Context switches show the
+GIL changing hands between the event loop and the model thread. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.common import markdown_table, pin_process, write_json
+from bench.http import open_sessions, server_env, step_payload
+from bench.loadgen import RequestFactory, generate_load, http_request
+from tests.servers import ROOT, ServerProcess
+
+
+def cpu_and_switches(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of every thread of ``pid`` so far."""
+    seconds, switches = 0.0, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/task/{tid}/status") as status:
+            switches += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    return seconds, switches
+
+
+def phases(url: str, images: list[str]) -> dict[tuple[str, str], tuple[RequestFactory, int]]:
+    """(image, phase) -> (request factory, steps per request) for one server."""
+    sessions = open_sessions(url, 64)
+    out: dict[tuple[str, str], tuple[RequestFactory, int]] = {}
+    for image in images:
+        bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]
+        single = [[http_request("POST", f"/v1/sessions/{s}/steps", b) for b in bodies] for s in sessions]
+        batch_body = json.dumps({"steps": [json.loads(b) for b in bodies[:10]]}).encode()
+        batch = [http_request("POST", f"/v1/sessions/{s}/steps", batch_body) for s in sessions]
+        out[(image, "single")] = (lambda c, n, r=single: r[c][n % 16], 1)
+        out[(image, "batch")] = (lambda c, n, r=batch: r[c], 10)
+    healthz = http_request("GET", "/healthz")
+    out[("-", "healthz")] = (lambda c, n: healthz, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http_ab", description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="another checkout (git worktree add DIR REV)")
+    parser.add_argument("--image", nargs="+", choices=["pixels", "png", "gray8"], default=["pixels", "png", "gray8"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each phase in each round")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
+    servers = {"baseline": ServerProcess(server_env(), cwd=args.baseline.resolve())}
+    servers["this"] = ServerProcess(server_env(), cwd=ROOT)
+    samples: dict[tuple[str, str, str], list[tuple[float, float, float, int]]] = {}
+    try:
+        work = {}
+        for name, server in servers.items():
+            server.wait_ready()
+            pin_process(server.process.pid, cpus[0])
+            for key, value in phases(server.url, args.image).items():
+                work[(name, *key)] = value
+        for (name, _, _), (factory, _) in work.items():  # warm-up
+            generate_load("127.0.0.1", servers[name].port, 64, factory, 0.5, cpus[1])
+        for _ in range(args.rounds):
+            for key in random.sample(list(work), len(work)):
+                factory, steps = work[key]
+                server = servers[key[0]]
+                cpu0, switches0 = cpu_and_switches(server.process.pid)
+                load = generate_load("127.0.0.1", server.port, 64, factory, args.seconds, cpus[1])
+                cpu1, switches1 = cpu_and_switches(server.process.pid)
+                done = steps * load.requests
+                samples.setdefault(key, []).append(
+                    (steps * load.rate, 1e6 * (cpu1 - cpu0) / done, (switches1 - switches0) / done, load.errors)
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
+    results = [
+        {
+            "server": name,
+            "image": image,
+            "phase": phase,
+            "steps_per_s": statistics.median(s[0] for s in runs),
+            "cpu_us_per_step": statistics.median(s[1] for s in runs),
+            "cpu_us_per_step_min": min(s[1] for s in runs),
+            "switches_per_step": statistics.median(s[2] for s in runs),
+            "errors": sum(s[3] for s in runs),
+        }
+        for (name, image, phase), runs in sorted(samples.items(), key=lambda item: (item[0][1], item[0][2], item[0][0]))
+    ]
+    rows = [
+        [
+            r["image"],
+            r["phase"],
+            r["server"],
+            f"{r['steps_per_s']:,.0f}",
+            f"{r['cpu_us_per_step']:.1f}",
+            f"{r['cpu_us_per_step_min']:.1f}",
+            f"{r['switches_per_step']:.2f}",
+            str(r["errors"]),
+        ]
+        for r in results
+    ]
+    headers = ["image", "phase", "server", "steps/s (median)", "CPU us/step (median)", "CPU us/step (min)"]
+    print(markdown_table([*headers, "context switches/step", "errors"], rows))
+    print(
+        f"\nbaseline: {args.baseline.resolve()}; {args.rounds} rounds of {args.seconds:g} s per phase, {time.ctime()}"
+    )
+    write_json(args.json, {"baseline": str(args.baseline.resolve()), "rounds": args.rounds, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
