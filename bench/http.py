@@ -66,6 +66,16 @@ def server_env(store: str = "memory://", model: str | None = None) -> dict[str, 
     return env
 
 
+def step_requests(sessions: list[str], image: str) -> tuple[list[list[bytes]], list[bytes]]:
+    """Per session: 16 single-step requests (labels 0-4 in turn), and one batch-form request of 10 steps."""
+    bodies = [step_payload(i, i % 5, image) for i in range(16)]
+    encoded = [json.dumps(body).encode() for body in bodies]
+    batch_body = json.dumps({"steps": bodies[:10]}).encode()
+    single = [[http_request("POST", f"/v1/sessions/{sid}/steps", body) for body in encoded] for sid in sessions]
+    batch = [http_request("POST", f"/v1/sessions/{sid}/steps", batch_body) for sid in sessions]
+    return single, batch
+
+
 def open_sessions(url: str, count: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=30) as client:
         return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
@@ -77,11 +87,9 @@ def measure_store(
     server = ServerProcess(server_env(store, model)).wait_ready()
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
-        bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]
         host, port = "127.0.0.1", server.port
 
-        single = open_sessions(server.url, 1)[0]
-        single_req = [http_request("POST", f"/v1/sessions/{single}/steps", b) for b in bodies]
+        single_req = step_requests(open_sessions(server.url, 1), image)[0][0]
         generate_load(host, port, 1, lambda c, n: single_req[n % 16], 1.0, cpus[1])  # warm-up
         latency = generate_load(host, port, 1, lambda c, n: single_req[n % 16], seconds, cpus[1])
 
@@ -89,11 +97,9 @@ def measure_store(
         healthz = generate_load(host, port, concurrency, lambda c, n: healthz_req, seconds, cpus[1])
 
         sessions = open_sessions(server.url, concurrency)
-        step_reqs = [[http_request("POST", f"/v1/sessions/{sid}/steps", b) for b in bodies] for sid in sessions]
+        step_reqs, batch_reqs = step_requests(sessions, image)
         steps = generate_load(host, port, concurrency, lambda c, n: step_reqs[c][n % 16], seconds, cpus[1])
 
-        batch_body = json.dumps({"steps": [json.loads(b) for b in bodies[:10]]}).encode()
-        batch_reqs = [http_request("POST", f"/v1/sessions/{sid}/steps", batch_body) for sid in sessions]
         batch = generate_load(host, port, concurrency, lambda c, n: batch_reqs[c], seconds, cpus[1])
         errors = latency.errors + healthz.errors + steps.errors + batch.errors
     finally:

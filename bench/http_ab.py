@@ -16,7 +16,6 @@ GIL changing hands between the event loop and the model thread. Linux only (/pro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.common import markdown_table, pin_process, write_json
-from bench.http import open_sessions, server_env, step_payload
+from bench.http import open_sessions, server_env, step_requests
 from bench.loadgen import RequestFactory, generate_load, http_request
 from tests.servers import ROOT, ServerProcess
 
@@ -47,10 +46,7 @@ def phases(url: str, images: list[str]) -> dict[tuple[str, str], tuple[RequestFa
     sessions = open_sessions(url, 64)
     out: dict[tuple[str, str], tuple[RequestFactory, int]] = {}
     for image in images:
-        bodies = [json.dumps(step_payload(i, i % 5, image)).encode() for i in range(16)]
-        single = [[http_request("POST", f"/v1/sessions/{s}/steps", b) for b in bodies] for s in sessions]
-        batch_body = json.dumps({"steps": [json.loads(b) for b in bodies[:10]]}).encode()
-        batch = [http_request("POST", f"/v1/sessions/{s}/steps", batch_body) for s in sessions]
+        single, batch = step_requests(sessions, image)
         out[(image, "single")] = (lambda c, n, r=single: r[c][n % 16], 1)
         out[(image, "batch")] = (lambda c, n, r=batch: r[c], 10)
     healthz = http_request("GET", "/healthz")
