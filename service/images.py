@@ -107,7 +107,7 @@ def level_error_message(error: dict) -> str | None:
     if "pixels" not in location or error.get("type") not in LEVEL_ERRORS:
         return None
     at = location.index("pixels")
-    where = ".".join(str(p) for p in location[:at] if p not in ("single", "batch"))
+    where = ".".join(str(p) for p in location[:at])
     cell = "pixels" + "".join(f"[{p}]" for p in location[at + 1 :])
     return f"{LEVEL_ERRORS[error['type']]} ({(where + '.' if where else '') + cell})"
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     StrictFloat,
     StrictInt,
     StrictStr,
-    Tag,
     model_validator,
 )
 
@@ -87,17 +85,6 @@ class StepsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: list[StepIn] = Field(min_length=1, description="steps applied in order, as one change of the session")
-
-
-def _step_kind(value: Any) -> str:
-    return (
-        "batch"
-        if isinstance(value, dict | StepsIn) and ("steps" in value if isinstance(value, dict) else True)
-        else "single"
-    )
-
-
-StepRequest = Annotated[Annotated[StepIn, Tag("single")] | Annotated[StepsIn, Tag("batch")], Discriminator(_step_kind)]
 
 
 class CreateSessionIn(BaseModel):

@@ -22,7 +22,6 @@ from service.api.schemas import (
     SessionOut,
     StepIn,
     StepOut,
-    StepRequest,
     StepsIn,
     StepsOut,
 )
@@ -94,7 +93,7 @@ async def get_session(session_id: SessionId, engine: Engine, owner: Owner) -> JS
     return JSONResponse(engine.describe(await engine.load(session_id, owner)))
 
 
-STEP_REQUEST = TypeAdapter(StepRequest)
+STEP_FORMS = {False: TypeAdapter(StepIn), True: TypeAdapter(StepsIn)}  # keyed by: is it the batch form?
 STEP_BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -128,16 +127,31 @@ async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
 
 
 def parse_step_request(raw_body: bytes) -> StepIn | StepsIn:
-    """The step body, parsed and validated in one pass; a bad pixel level is an image error (422 invalid_image)."""
+    """The step body, parsed and validated straight from the JSON; a bad pixel level is an image error (422 invalid_image).
+
+    A body is the batch form when it is an object with a "steps" key. Each form has its own
+    adapter, so that pydantic-core validates the JSON directly: a discriminator function would
+    need the body as Python objects first, and a pixel array's 784 numbers made twice. The form
+    a "steps" in the bytes suggests goes first; only a body that fails it is tried as the other,
+    and when both fail, the errors are those of the form the body has.
+    """
+    guess = b'"steps"' in raw_body
     try:
-        return STEP_REQUEST.validate_json(raw_body)
+        return STEP_FORMS[guess].validate_json(raw_body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        for error in errors:
-            message = level_error_message(error)
-            if message is not None:
-                raise invalid_image(message) from None
-        raise RequestValidationError(errors) from None
+        failed = {guess: exc}
+    try:
+        return STEP_FORMS[not guess].validate_json(raw_body)
+    except ValidationError as exc:
+        failed[not guess] = exc
+    batch_errors = failed[True].errors(include_url=False, include_input=False)
+    is_batch = not any(e["loc"] == () or (e["loc"] == ("steps",) and e["type"] == "missing") for e in batch_errors)
+    errors = batch_errors if is_batch else failed[False].errors(include_url=False, include_input=False)
+    for error in errors:
+        message = level_error_message(error)
+        if message is not None:
+            raise invalid_image(message) from None
+    raise RequestValidationError(errors) from None
 
 
 async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes) -> dict:

@@ -196,6 +196,23 @@ async def test_bad_image_messages_say_what_is_wrong(client: httpx.AsyncClient) -
     await assert_healthy(client, session_id)
 
 
+async def test_the_batch_form_is_a_body_with_a_steps_key(client: httpx.AsyncClient) -> None:
+    """ "steps" elsewhere in the bytes (a label) is still one step; errors are those of the body's own form."""
+    session_id = await new_session(client)
+    url = f"/v1/sessions/{session_id}/steps"
+    one = await client.post(url, json={**STEP, "label": "steps"})
+    assert one.status_code == 200 and one.json()["labels"][0] == "steps"
+    both = await client.post(url, json={"steps": [STEP], "image": STEP["image"]})
+    assert both.status_code == 422 and both.json()["error"]["message"].startswith("image: Extra inputs")
+    bad_single = await client.post(url, json={"image": STEP["image"], "label": 1.5})
+    assert bad_single.status_code == 422 and "label" in bad_single.json()["error"]["message"]
+    assert "steps" not in bad_single.json()["error"]["message"]
+    listed = await client.post(url, json=[STEP])
+    assert listed.status_code == 422 and listed.json()["error"]["code"] == "invalid_request"
+    assert (await session_info(client, session_id))["steps"] == 1
+    await assert_healthy(client, session_id)
+
+
 async def test_bad_inputs_in_a_row_leave_the_session_usable(client: httpx.AsyncClient) -> None:
     session_id = await new_session(client)
     url = f"/v1/sessions/{session_id}/steps"
