@@ -101,6 +101,13 @@ def gray_array(array: np.ndarray, max_side: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
+LEVEL_ERRORS = {
+    "finite_number": "pixels hold NaN or infinite values",
+    "greater_than_equal": "pixels must be gray levels in [0, 255]",
+    "less_than_equal": "pixels must be gray levels in [0, 255]",
+}
+
+
 def level_error_message(error: dict) -> str | None:
     """The message for a schema error on one pixel level (see ``PixelLevel``), or None for any other error."""
     location = error.get("loc", ())
@@ -110,10 +117,3 @@ def level_error_message(error: dict) -> str | None:
     where = ".".join(str(p) for p in location[:at])
     cell = "pixels" + "".join(f"[{p}]" for p in location[at + 1 :])
     return f"{LEVEL_ERRORS[error['type']]} ({(where + '.' if where else '') + cell})"
-
-
-LEVEL_ERRORS = {
-    "finite_number": "pixels hold NaN or infinite values",
-    "greater_than_equal": "pixels must be gray levels in [0, 255]",
-    "less_than_equal": "pixels must be gray levels in [0, 255]",
-}
