@@ -210,7 +210,7 @@ class MicroBatcher:
         chunks = [
             self.model.precompute_inputs(
                 torch.from_numpy(ink(np.stack(images[start : start + PRECOMPUTE_CHUNK]))).to(device),
-                self.model.label_input(torch.tensor(slots[start : start + PRECOMPUTE_CHUNK], device=device)),
+                self.model.label_input(torch.from_numpy(np.array(slots[start : start + PRECOMPUTE_CHUNK])).to(device)),
             )
             for start in range(0, len(images), PRECOMPUTE_CHUNK)
         ]

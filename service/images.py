@@ -8,7 +8,6 @@ and getting it back from the busy model thread costs more than the call.
 
 from __future__ import annotations
 
-import base64
 import binascii
 
 import anyio.to_thread
@@ -30,12 +29,16 @@ def _check_side(height: int, width: int, max_side: int) -> None:
         raise invalid_image(f"image is {width}x{height}; the largest accepted side is {max_side}")
 
 
-def decode_png(encoded: str, max_side: int) -> np.ndarray:
-    """Base64 PNG or JPEG -> gray levels, checking its size before decoding its pixels."""
+def decode_base64(encoded: str, what: str) -> bytes:
+    """Strict base64 (the standard alphabet, padded, one line) -> bytes, for base64 outside /v1's schema."""
     try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid_image("png is not valid base64") from None
+        return binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: characters outside ASCII
+        raise invalid_image(f"{what} is not valid base64") from None
+
+
+def decode_png(data: bytes, max_side: int) -> np.ndarray:
+    """A PNG or JPEG file -> gray levels, checking its size before decoding its pixels."""
     if not data:
         raise invalid_image("png is empty")
     try:
@@ -51,27 +54,23 @@ def decode_png(encoded: str, max_side: int) -> np.ndarray:
     return gray
 
 
-def decode_gray8(encoded: str, shape: list[int], max_side: int) -> np.ndarray:
-    """Base64 of raw 8-bit gray levels, row by row, with their [height, width] -> a uint8 array."""
+def decode_gray8(data: bytes, shape: list[int], max_side: int) -> np.ndarray:
+    """Raw 8-bit gray levels, row by row, with their [height, width] -> a uint8 array."""
     height, width = shape
     _check_side(height, width, max_side)
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid_image("gray8 is not valid base64") from None
     if len(data) != height * width:
         raise invalid_image(f"gray8 holds {len(data)} bytes; shape {height}x{width} needs {height * width}")
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width)
 
 
-INLINE_DECODE_CHARS = 16 * 1024  # a small PNG decodes faster than a hop to a worker thread takes
+INLINE_DECODE_BYTES = 12 * 1024  # a small PNG decodes faster than a hop to a worker thread takes
 
 
-async def decode_png_async(encoded: str, max_side: int) -> np.ndarray:
+async def decode_png_async(data: bytes, max_side: int) -> np.ndarray:
     """``decode_png`` for a request handler: small images inline, large ones off the event loop."""
-    if len(encoded) <= INLINE_DECODE_CHARS:
-        return decode_png(encoded, max_side)
-    return await anyio.to_thread.run_sync(decode_png, encoded, max_side)
+    if len(data) <= INLINE_DECODE_BYTES:
+        return decode_png(data, max_side)
+    return await anyio.to_thread.run_sync(decode_png, data, max_side)
 
 
 def pixels_array(pixels: list[list[float]], max_side: int) -> np.ndarray:
@@ -108,9 +107,15 @@ LEVEL_ERRORS = {
 }
 
 
-def level_error_message(error: dict) -> str | None:
-    """The message for a schema error on one pixel level (see ``PixelLevel``), or None for any other error."""
+def image_error_message(error: dict) -> str | None:
+    """The message for a schema error in an image's data, naming where, or None for any other error.
+
+    The schema checks two things as it parses the JSON: each pixel level (``PixelLevel``) and
+    the base64 of png and gray8 (``Base64Data``).
+    """
     location = error.get("loc", ())
+    if error.get("type") == "bytes_invalid_encoding" and location and location[-1] in ("png", "gray8"):
+        return f"{location[-1]} is not valid base64 ({'.'.join(str(p) for p in location)})"
     if "pixels" not in location or error.get("type") not in LEVEL_ERRORS:
         return None
     at = location.index("pixels")

@@ -12,12 +12,16 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     model_validator,
 )
 
 Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: a string or an integer")]
 # Checked while the JSON is parsed (in Rust, no Python per pixel); service.images names a bad one.
 PixelLevel = Annotated[float, Field(strict=True, ge=0, le=255, allow_inf_nan=False)]
+# base64 in the JSON, decoded by pydantic-core as it parses (ImageIn's val_json_bytes): the
+# standard or the URL-safe alphabet, padding optional, no line breaks. service.images names a bad one.
+Base64Data = Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255, 255, 255, 255]]
 EXAMPLE_GRAY8 = {"gray8": base64.b64encode(bytes(sum(EXAMPLE_PIXELS, []))).decode(), "shape": [4, 4]}
@@ -28,6 +32,7 @@ class ImageIn(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        val_json_bytes="base64",
         json_schema_extra={
             "examples": [{"pixels": EXAMPLE_PIXELS}, EXAMPLE_GRAY8],
             "oneOf": [
@@ -38,7 +43,7 @@ class ImageIn(BaseModel):
         },
     )
 
-    png: str | None = Field(None, description="base64 of a PNG or JPEG file")
+    png: Base64Data | None = Field(None, description="base64 of a PNG or JPEG file")
     pixels: list[list[PixelLevel]] | None = Field(
         None,
         description="rows of 0-255 gray levels (255 = white paper), at most 512x512",
@@ -46,7 +51,7 @@ class ImageIn(BaseModel):
         json_schema_extra={"minItems": 1, "maxItems": 512, "items": {"minItems": 1, "maxItems": 512}},
     )
 
-    gray8: str | None = Field(
+    gray8: Base64Data | None = Field(
         None,
         description="base64 (one line, no line breaks) of the raw gray levels, one byte per pixel, row by row "
         "(NumPy: base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",

@@ -30,8 +30,8 @@ from service.errors import APIError
 from service.images import (
     decode_gray8,
     decode_png_async,
+    image_error_message,
     invalid_image,
-    level_error_message,
     pixels_array,
 )
 
@@ -56,10 +56,8 @@ Engine = Annotated[SessionEngine, Depends(get_engine)]
 Owner = Annotated[str, Depends(get_owner)]
 
 
-async def to_gray(image: ImageIn, max_side: int) -> np.ndarray:
-    """The request image as 0-255 gray levels; a large PNG/JPEG is decoded off the event loop."""
-    if image.png is not None:
-        return await decode_png_async(image.png, max_side)
+def inline_gray(image: ImageIn, max_side: int) -> np.ndarray:
+    """A gray8 or pixels image as 0-255 gray levels (PNG/JPEG: ``decode_png_async``, which may leave the loop)."""
     if image.gray8 is not None:
         return decode_gray8(image.gray8, image.shape or [], max_side)
     return pixels_array(image.pixels or [], max_side)
@@ -148,7 +146,7 @@ def parse_step_request(raw_body: bytes) -> StepIn | StepsIn:
     is_batch = not any(e["loc"] == () or (e["loc"] == ("steps",) and e["type"] == "missing") for e in batch_errors)
     errors = batch_errors if is_batch else failed[False].errors(include_url=False, include_input=False)
     for error in errors:
-        message = level_error_message(error)
+        message = image_error_message(error)
         if message is not None:
             raise invalid_image(message) from None
     raise RequestValidationError(errors) from None
@@ -173,10 +171,13 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
     if image_size is None:
         image_size = engine.served_for(await engine.load(session_id, owner)).model.config.image_size
     digest = hashlib.sha256()
+    max_side = engine.settings.max_image_side
     inputs = []
     for item in items:
-        gray = await to_gray(item.image, engine.settings.max_image_side)
-        digest.update(f"{item.label!r}|{item.image.png is not None}|{gray.shape}|".encode())
+        image = item.image
+        png = image.png is not None
+        gray = await decode_png_async(image.png, max_side) if png else inline_gray(image, max_side)
+        digest.update(f"{item.label!r}|{png}|{gray.shape}|".encode())
         update_digest(digest, gray.tobytes())
         inputs.append(StepInput(fit_size(gray, image_size), item.label, item.step))
     results = await engine.step(session_id, inputs, digest.hexdigest(), owner)

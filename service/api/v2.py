@@ -17,7 +17,6 @@ client's label order: the engine answers in slot order, and the i-th distinct la
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import secrets
@@ -37,7 +36,7 @@ from models.data.preprocess import fit_size
 from service.api.v1 import get_engine, get_owner
 from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailable
 from service.errors import APIError, is_protocol_path, v2_error_response
-from service.images import decode_png_async, gray_array
+from service.images import decode_base64, decode_png_async, gray_array
 from service.logs import log
 from service.registry import ServedModel
 from service.sessions.store import SessionExists, SessionRecord
@@ -246,18 +245,18 @@ def numeric(item: RequestInput, raw: bytes | None) -> np.ndarray:
     return np.asarray(values, dtype=dtype).reshape(item.shape)
 
 
-def encoded_file(item: RequestInput, raw: bytes | None) -> str:
-    """A BYTES input of one element, as base64: BIN's 4-byte length prefix, or a base64 string in JSON."""
+def image_file(item: RequestInput, raw: bytes | None) -> bytes:
+    """A BYTES input of one element: the file after BIN's 4-byte length prefix, or from a base64 string in JSON."""
     if math.prod(item.shape) != 1 or len(item.shape) not in (1, 2):
         raise bad(f"input 'IMAGE': BYTES shape must be [1] or [1, 1], not {item.shape}")
     if raw is None:
         values = flatten(item.data)
         if len(values) != 1 or not isinstance(values[0], str):
             raise bad("input 'IMAGE': BYTES data in JSON must be one string, the base64 of a PNG or JPEG file")
-        return values[0]
+        return decode_base64(values[0], "BYTES data")
     if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
         raise bad("input 'IMAGE': binary BYTES must be one element: a 4-byte little-endian length, then the file")
-    return base64.b64encode(raw[4:]).decode()
+    return raw[4:]
 
 
 def image_side(item: RequestInput, max_side: int) -> None:
@@ -276,7 +275,7 @@ async def image_input(item: RequestInput, raw: bytes | None, max_side: int, imag
     """The gray levels at the model's size, through the same checks and preprocessing as /v1 images."""
     try:
         if item.datatype == "BYTES":
-            gray = await decode_png_async(encoded_file(item, raw), max_side)
+            gray = await decode_png_async(image_file(item, raw), max_side)
         else:
             gray = gray_array(numeric(item, raw).reshape(item.shape[-2:]), max_side)
     except APIError as exc:

@@ -1,5 +1,8 @@
 """The NTM module: gradients, step == sequence forward, batch independence, numerics."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -152,6 +155,37 @@ def test_lrua_writes_new_samples_to_fresh_slots():
         _, state = model.forward_sequence(images, model.label_input(slots))
     written = (state.memory[0].abs() > 1e-3).any(-1)
     assert written.sum().item() == 6  # 3 steps x 2 heads, each in a slot of its own
+
+
+def test_conv_encoder_in_onednn_blocked_layout_gives_the_same_features():
+    """Without autograd, batches of 2+ images go through ``models.onednn``: the eager path's features."""
+    model = make_model(encoder="conv").eval()
+    for batch in (1, 2, 7, 64):
+        images = torch.rand(batch, 28, 28, generator=torch.Generator().manual_seed(batch))
+        eager = model.encoder(images)  # autograd on: the eager convolutions
+        with torch.inference_mode():
+            assert torch.allclose(model.encoder(images), eager, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(model.encoder(images), eager, atol=1e-5)
+    assert model.encoder._blocked is not None
+
+
+def test_onednn_weights_follow_the_parameters_and_stay_out_of_copies():
+    model = make_model(encoder="conv").eval()
+    images = torch.rand(4, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        before = model.encoder(images)
+    with torch.no_grad():
+        model.encoder.convs[2].weight.mul_(1.5)  # in place, as an optimiser step
+        after = model.encoder(images)
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, model.encoder(images), atol=1e-5)
+    twin = copy.deepcopy(model)
+    assert twin.encoder._blocked is None and model.encoder._blocked is not None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with torch.inference_mode():
+        assert torch.allclose(twin.encoder(images), after, atol=1e-5)
 
 
 def test_conv_encoder_with_channels_last_weights_gives_the_same_features():

@@ -29,7 +29,7 @@ from models.data.preprocess import fit_size, ink, preprocess
 from models.state import STATE_FORMAT_VERSION, STATE_MAGIC, StateFormatError
 from service.api.v1 import parse_step_request, update_digest
 from service.errors import APIError
-from service.images import decode_png, pixels_array
+from service.images import decode_base64, decode_png, pixels_array
 from service.sessions.codec import RecordFormatError, decode_record, encode_header
 from service.sessions.store import SessionRecord
 
@@ -84,12 +84,16 @@ def assert_model_input(tensor: torch.Tensor) -> None:
     assert tensor.min() >= 0.0 and tensor.max() <= 1.0
 
 
-def decode_or_422(encoded: str) -> np.ndarray | None:
+def assert_invalid_image(exc: APIError) -> None:
+    assert exc.status == 422 and exc.code == "invalid_image"
+
+
+def decode_or_422(data: bytes) -> np.ndarray | None:
     """decode_png's contract: gray levels, or an APIError 422; anything else propagates and fails."""
     try:
-        gray = decode_png(encoded, MAX_SIDE)
+        gray = decode_png(data, MAX_SIDE)
     except APIError as exc:
-        assert exc.status == 422 and exc.code == "invalid_image"
+        assert_invalid_image(exc)
         return None
     assert gray.ndim == 2 and min(gray.shape) >= 1 and max(gray.shape) <= MAX_SIDE
     assert gray.dtype == np.uint8
@@ -97,10 +101,28 @@ def decode_or_422(encoded: str) -> np.ndarray | None:
     return gray
 
 
+def png_of_step_body(encoded: str) -> bytes | None:
+    """The png field of a /v1 step body as the schema decodes it, or None after its 422 invalid_image."""
+    try:
+        return parse_step_request(json.dumps({"image": {"png": encoded}}).encode()).image.png
+    except APIError as exc:
+        assert_invalid_image(exc)
+        return None
+
+
+def base64_or_422(encoded: str) -> bytes | None:
+    """decode_base64's contract (the /v2 BYTES path): bytes, or an APIError 422."""
+    try:
+        return decode_base64(encoded, "BYTES data")
+    except APIError as exc:
+        assert_invalid_image(exc)
+        return None
+
+
 @bounded(60)
 @given(gray_images)
 def test_png_round_trips_gray_levels_exactly(gray):
-    decoded = decode_png(b64(encode(gray, "PNG")), MAX_SIDE)
+    decoded = decode_png(encode(gray, "PNG"), MAX_SIDE)
     assert decoded.dtype == np.uint8
     np.testing.assert_array_equal(decoded, gray)
     assert_model_input(to_model_input(decoded))
@@ -109,7 +131,7 @@ def test_png_round_trips_gray_levels_exactly(gray):
 @bounded(60)
 @given(gray_images)
 def test_jpeg_decodes_to_a_valid_model_input(gray):
-    decoded = decode_png(b64(encode(gray, "JPEG")), MAX_SIDE)
+    decoded = decode_png(encode(gray, "JPEG"), MAX_SIDE)
     assert decoded.shape == gray.shape
     assert decoded.min() >= 0 and decoded.max() <= 255
     assert_model_input(to_model_input(decoded))
@@ -188,7 +210,8 @@ def mutated_images(draw) -> bytes:
 @example(_jpeg_claiming(600, 600))  # under Pillow's limit, over max_side ** 2
 @example(_png_with_broken_chunk_after_idat())  # Pillow raises SyntaxError while decoding
 def test_arbitrary_bytes_decode_or_give_422(data):
-    decode_or_422(b64(data))
+    assert png_of_step_body(b64(data)) == base64_or_422(b64(data)) == data
+    decode_or_422(data)
 
 
 @bounded(150)
@@ -203,7 +226,13 @@ def test_arbitrary_bytes_decode_or_give_422(data):
 @example("é")
 @example("====")
 def test_arbitrary_text_as_base64_decodes_or_gives_422(text):
-    decode_or_422(text)
+    """Both base64 decoders: /v1's schema (padding optional, URL-safe alphabet too) and /v2's strict one."""
+    lenient, strict = png_of_step_body(text), base64_or_422(text)
+    if strict is not None:
+        assert lenient == strict
+    for data in (lenient, strict):
+        if data is not None:
+            decode_or_422(data)
 
 
 pixel_values = st.one_of(
