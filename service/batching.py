@@ -204,12 +204,16 @@ class MicroBatcher:
         return remaining
 
     def _precompute(self, joined: list[_Job], device: torch.device) -> None:
-        """Every step's input part of the jobs that join (``ink``, ``NTM.precompute_inputs``), in few encoder calls."""
+        """Every step's input part of the jobs that join (``ink``, ``NTM.precompute_inputs``), in few encoder calls.
+
+        The images are all [S, S] (``fit_size``), so ``np.array`` stacks them in C: ``np.stack``
+        makes a view of each first (58 against 213 us for 256 images).
+        """
         images = [image for job in joined for image in job.images]
         slots = [slot for job in joined for slot in job.label_slots]
         chunks = [
             self.model.precompute_inputs(
-                torch.from_numpy(ink(np.stack(images[start : start + PRECOMPUTE_CHUNK]))).to(device),
+                torch.from_numpy(ink(np.array(images[start : start + PRECOMPUTE_CHUNK]))).to(device),
                 self.model.label_input(torch.from_numpy(np.array(slots[start : start + PRECOMPUTE_CHUNK])).to(device)),
             )
             for start in range(0, len(images), PRECOMPUTE_CHUNK)
