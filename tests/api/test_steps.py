@@ -217,6 +217,36 @@ async def test_labels_slots_prediction_novelty_accuracy(client: httpx.AsyncClien
     assert info["accuracy"] == pytest.approx(correct / labeled)
 
 
+async def test_base64_in_either_alphabet_with_or_without_padding_is_the_same_image(client: httpx.AsyncClient) -> None:
+    """png and gray8 take standard or URL-safe base64, padding optional; a line break is an image error."""
+    gray = np.random.default_rng(11).integers(0, 256, size=(28, 27), dtype=np.uint8)  # 756 bytes: "=" padding
+    raw = gray.tobytes()
+    standard = base64.b64encode(raw).decode()
+    url_safe = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    assert standard != url_safe and ("+" in standard or "/" in standard)
+    png = base64.b64decode(png_base64(gray))
+    images = [
+        {"gray8": standard, "shape": [28, 27]},
+        {"gray8": url_safe, "shape": [28, 27]},
+        {"png": base64.urlsafe_b64encode(png).decode().rstrip("=")},
+        {"pixels": gray.tolist()},
+    ]
+    answers = []
+    for image in images:
+        session_id = await new_session(client)
+        response = await client.post(f"/v1/sessions/{session_id}/steps", json={"image": image})
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["probabilities"])
+    assert all(answer == answers[0] for answer in answers)
+    session_id = await new_session(client)
+    broken = standard[:40] + "\n" + standard[40:]
+    response = await client.post(
+        f"/v1/sessions/{session_id}/steps", json={"image": {"gray8": broken, "shape": [28, 27]}}
+    )
+    assert_error(response, 422, "invalid_image")
+    assert "gray8 is not valid base64 (image.gray8)" in response.json()["error"]["message"]
+
+
 async def test_too_many_labels(client: httpx.AsyncClient) -> None:
     session_id = await new_session(client)
     labels = ["a", 1, "b", "1", "c"]
