@@ -83,7 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         registry = ModelRegistry.load(
-            settings.models, settings.device, settings.max_batch, settings.max_wait_ms / 1000, metrics.batch_observer
+            settings.models,
+            settings.device,
+            settings.max_batch,
+            settings.max_wait_ms / 1000,
+            metrics.batch_observer,
+            settings.model_thread_nice,
         )
         store = open_store(settings)
         engine = SessionEngine(settings, registry, store, metrics)

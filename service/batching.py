@@ -16,13 +16,25 @@ session.
 A lone client adds no latency: when the previous model call held a single step, the worker
 runs what it has at once. Under concurrent load it waits up to ``max_wait`` for new jobs
 before a batch of fresh jobs, and never while jobs are under way.
+
+The worker thread can run at a lower priority than the event loop (``nice``, Linux only).
+Where the two share a core, the loop then answers, parses and queues what has arrived
+before the model takes the core back, so model calls run fuller batches; and when the loop
+releases the GIL for a moment (Pillow decoding a PNG), the model thread, woken to take it,
+no longer preempts the loop: 2.3 context switches a PNG step became 0.4. Measured side by
+side in three runs, 64 sessions, the server on one core (nice 10 against 0): PNG steps
++15-31% a second, PNG batch form +17-29%, ``gray8`` steps +8-25%, ``gray8`` batch form -5%
+to +23%, pixel arrays -5% to +6%. A model thread with a core of its own is not slowed:
+niceness only matters when threads compete for one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -68,9 +80,10 @@ class MicroBatcher:
         max_wait: float = 0.002,
         observe: Callable[[int, float, float], None] | None = None,
         name: str = "model",
+        nice: int = 0,
     ) -> None:
         self.model = model
-        self.max_batch, self.max_wait = max_batch, max_wait
+        self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch size, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
@@ -123,6 +136,7 @@ class MicroBatcher:
         # Sharp addressing weights underflow into denormals, whose arithmetic is ~4x slower. The
         # flag is per thread (x86 MXCSR), so it is set here, for the model's thread only.
         torch.set_flush_denormal(True)
+        lower_thread_priority(self.nice)
         active: list[_Job] = []
         busy = closing = False
         while active or not closing:
@@ -223,6 +237,17 @@ class MicroBatcher:
         for job in joined:
             job.inputs = rows[start : start + len(job.images)]
             start += len(job.images)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux, where a thread ID names one thread); else nothing."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError:
+        log.warning("could not lower the model thread's priority", exc_info=True)
 
 
 def _wake(loop: asyncio.AbstractEventLoop, callback: Callable, *args: object) -> None:

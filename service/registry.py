@@ -61,6 +61,7 @@ class ModelRegistry:
         max_batch: int,
         max_wait: float,
         observer_for: Callable[[str], Callable[[int, float, float], None]] | None = None,
+        nice: int = 0,
     ) -> ModelRegistry:
         if not paths:
             raise ValueError("no model to serve: give at least one checkpoint directory")
@@ -72,7 +73,7 @@ class ModelRegistry:
             with torch.inference_mode():
                 initial = model.initial_state(1).sessions()[0]
             observe = observer_for(name) if observer_for is not None else None
-            batcher = MicroBatcher(model, max_batch, max_wait, observe, name)
+            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
 

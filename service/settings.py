@@ -38,6 +38,13 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(256, ge=1, description="largest micro-batch of session steps")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill under load")
+    model_thread_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness of the model threads (Linux): on a core shared with the event loop, the loop "
+        "answers and parses first and the model then runs fuller batches; 0 turns it off",
+    )
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(512, ge=1)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -97,3 +100,19 @@ async def test_closed_batcher_refuses_jobs(model: NTM) -> None:
         await batcher.run(model.initial_state(1).sessions()[0], images, slots)
     with pytest.raises(ValueError, match="one label input per image"):
         await batcher.run(model.initial_state(1).sessions()[0], images, slots[:1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_the_model_thread_runs_at_the_niceness_asked_for(model: NTM) -> None:
+    """The worker yields a shared core to the event loop (``nice``); the loop's own thread keeps its priority."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for nice in (0, 7):
+        batcher = MicroBatcher(model, nice=nice)
+        try:
+            images, slots = job(3, 2)
+            await batcher.run(model.initial_state(1).sessions()[0], images, slots)  # the worker is up
+            thread = batcher._thread.native_id
+            assert os.getpriority(os.PRIO_PROCESS, thread) == min(19, own + nice)
+        finally:
+            batcher.close()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
