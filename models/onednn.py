@@ -23,7 +23,8 @@ MIN_BATCH = 2  # below it, the eager convolution is faster (see the module docst
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    """oneDNN is built in and not switched off (``torch.backends.mkldnn.enabled``)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 class BlockedConvStack:
