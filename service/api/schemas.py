@@ -43,7 +43,9 @@ class ImageIn(BaseModel):
         },
     )
 
-    png: Base64Data | None = Field(None, description="base64 of a PNG or JPEG file")
+    png: Base64Data | None = Field(
+        None, description="base64 of a PNG or JPEG file (standard or URL-safe alphabet, padding optional)"
+    )
     pixels: list[list[PixelLevel]] | None = Field(
         None,
         description="rows of 0-255 gray levels (255 = white paper), at most 512x512",
@@ -53,7 +55,8 @@ class ImageIn(BaseModel):
 
     gray8: Base64Data | None = Field(
         None,
-        description="base64 (one line, no line breaks) of the raw gray levels, one byte per pixel, row by row "
+        description="base64 (one line, no line breaks; standard or URL-safe alphabet, padding optional) of the raw "
+        "gray levels, one byte per pixel, row by row "
         "(NumPy: base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",
     )
     shape: list[StrictInt] | None = Field(
