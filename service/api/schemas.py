@@ -20,7 +20,8 @@ Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: 
 # Checked while the JSON is parsed (in Rust, no Python per pixel); service.images names a bad one.
 PixelLevel = Annotated[float, Field(strict=True, ge=0, le=255, allow_inf_nan=False)]
 # base64 in the JSON, decoded by pydantic-core as it parses (ImageIn's val_json_bytes): the
-# standard or the URL-safe alphabet, padding optional, no line breaks. service.images names a bad one.
+# standard or the URL-safe alphabet, padding optional, no line breaks, the last character's unused
+# bits zero. service.images names a bad one.
 Base64Data = Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255, 255, 255, 255]]
