@@ -8,13 +8,23 @@ import os
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from models.checkpoint import CheckpointError, load_checkpoint, load_config
 from service.logs import configure_logging
-from service.settings import Settings
+from service.settings import Settings, describe_settings_error
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve; 2 when the settings or a checkpoint cannot be served, with the reason on stderr."""
+    try:
+        return serve(argv)
+    except ValidationError as exc:
+        print(f"ntm-serve: invalid settings: {describe_settings_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def serve(argv: list[str] | None) -> int:
     defaults = Settings()
     parser = argparse.ArgumentParser(prog="ntm-serve", description="Serve NTM few-shot models over HTTP.")
     parser.add_argument("--host", default=defaults.host)

@@ -121,6 +121,8 @@ class SessionEngine:
     async def create(
         self, model: str | None = None, ttl_seconds: float | None = None, owner: str = "", session_id: str | None = None
     ) -> SessionRecord:
+        if self.draining:
+            raise unavailable("the server is shutting down")
         served = self.served(model)
         ttl = ttl_seconds or self.settings.session_ttl_seconds
         if ttl > self.settings.max_session_ttl_seconds:

@@ -8,6 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+# The scope key where an error answer leaves its code, for the request middleware to count
+# (``ntm_errors_total{code}``): every error of either API's shape is an ``ErrorResponse``.
+ERROR_CODE_SCOPE_KEY = "ntm.error_code"
 
 
 class APIError(Exception):
@@ -20,6 +25,18 @@ class APIError(Exception):
         self.extra = extra
 
 
+class ErrorResponse(JSONResponse):
+    """A JSON error answer that notes its code in the request's scope as it is sent."""
+
+    def __init__(self, content: Any, status: int, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, status_code=status, headers=headers)
+        self.code = code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ERROR_CODE_SCOPE_KEY] = self.code
+        await super().__call__(scope, receive, send)
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
@@ -27,7 +44,7 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+    return ErrorResponse(error_body(code, message, **extra), status, code, headers)
 
 
 # The Open Inference Protocol's paths answer errors in its own shape, {"error": "message"}.
@@ -38,8 +55,11 @@ def is_protocol_path(path: str) -> bool:
     return path.rstrip("/") == "/v2" or any(path == tree or path.startswith(tree + "/") for tree in PROTOCOL_TREES)
 
 
-def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def v2_error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> JSONResponse:
+    """The protocol's shape carries no code; the metrics count it under ``code`` or the status' name."""
+    return ErrorResponse({"error": message}, status, code or status_code_name(status), headers)
 
 
 def error_response_for(
@@ -49,6 +69,11 @@ def error_response_for(
     if is_protocol_path(path):
         return v2_error_response(status, message, headers)
     return error_response(status, code, message, headers)
+
+
+def status_code_name(status: int) -> str:
+    """The error code of an HTTP status with no code of the service's own (404 -> not_found)."""
+    return _STATUS_CODES.get(status, "http_error")
 
 
 _STATUS_CODES = {
@@ -68,7 +93,7 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     parts = []
     for error in errors[:5]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        parts.append(f"{where}: {error.get('msg', 'invalid').removeprefix('Value error, ')}")
     return "; ".join(parts) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
 
 
@@ -93,8 +118,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code, status_code_name(exc.status_code), str(exc.detail), getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,5 +1,8 @@
 """One pure-ASGI middleware for every request: request ID, body-size limit, metrics, access log.
 
+Metrics: each request's latency by route and status, and each error answer by its code
+(``service.errors.ErrorResponse`` notes the code in the scope as it is sent).
+
 Pure ASGI (not BaseHTTPMiddleware) because it sits on the hot path of every step.
 """
 
@@ -12,7 +15,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response_for
+from service.errors import ERROR_CODE_SCOPE_KEY, error_response_for
 from service.logs import log, request_id
 from service.metrics import Metrics
 
@@ -75,11 +78,18 @@ class RequestMiddleware:
                     scope["path"], 413, "payload_too_large", f"request body over {self.max_body_bytes} bytes"
                 )
                 await response(scope, receive, send_with_id)
+        except Exception:
+            # Starlette's error middleware, outside this one, answers it with the app's 500
+            scope.setdefault(ERROR_CODE_SCOPE_KEY, "internal_error")
+            raise
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.request_latency.labels(scope["method"], path, str(status["code"])).observe(elapsed)
+            error_code = scope.get(ERROR_CODE_SCOPE_KEY)
+            if error_code is not None:
+                self.metrics.errors.labels(error_code).inc()
             if self.access_log:
                 log.info(
                     "request",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"
@@ -30,11 +30,15 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
-    max_session_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    max_session_ttl_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="the longest ttl_seconds a client may ask for"
+    )
     max_sessions: int = Field(
         100_000, ge=1, description="live sessions the store holds (with Redis: across all replicas); more -> 503"
     )
-    sweep_interval_seconds: float = Field(30.0, gt=0)
+    sweep_interval_seconds: float = Field(
+        30.0, gt=0, description="how often expired sessions are dropped from the store's indexes"
+    )
 
     max_batch: int = Field(256, ge=1, description="largest micro-batch of session steps")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill under load")
@@ -81,3 +85,28 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Combinations that would serve wrongly: refused at start-up, not found out by clients."""
+        if self.workers > 1 and self.store.startswith("memory://"):
+            raise ValueError(
+                f"workers={self.workers} needs a shared store (redis://host:port/db): with memory:// each worker "
+                "process holds its own sessions, and a step reaching another worker would find none"
+            )
+        if self.session_ttl_seconds > self.max_session_ttl_seconds:
+            raise ValueError(
+                f"session_ttl_seconds ({self.session_ttl_seconds:g}) is over max_session_ttl_seconds "
+                f"({self.max_session_ttl_seconds:g})"
+            )
+        return self
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """A settings error in one line, each problem named by its NTM_* variable where it has one."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"NTM_{where.upper()}: {message}" if where else message)
+    return "; ".join(parts)

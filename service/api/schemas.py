@@ -6,6 +6,7 @@ import base64
 from typing import Annotated
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -16,7 +17,20 @@ from pydantic import (
     model_validator,
 )
 
-Label = Annotated[StrictStr | StrictInt, Field(description="the client's label: a string or an integer")]
+MAX_LABEL_CHARS = 256  # a label is kept in the session and sent back in every answer
+
+
+def _short_label(label: str | int) -> str | int:
+    if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"a label has at most {MAX_LABEL_CHARS} characters; this one has {len(label)}")
+    return label
+
+
+Label = Annotated[
+    Annotated[StrictStr, WithJsonSchema({"type": "string", "maxLength": MAX_LABEL_CHARS})] | StrictInt,
+    AfterValidator(_short_label),
+    Field(description=f"the client's label: a string (at most {MAX_LABEL_CHARS} characters) or an integer"),
+]
 # Checked while the JSON is parsed (in Rust, no Python per pixel); service.images names a bad one.
 PixelLevel = Annotated[float, Field(strict=True, ge=0, le=255, allow_inf_nan=False)]
 # base64 in the JSON, decoded by pydantic-core as it parses (ImageIn's val_json_bytes): the
@@ -101,7 +115,10 @@ class CreateSessionIn(BaseModel):
 
     model: str | None = Field(None, description="a name from GET /v1/models; the default model when omitted")
     ttl_seconds: StrictFloat | StrictInt | None = Field(
-        None, gt=0, le=7 * 24 * 3600, description="idle time before the session expires"
+        None,
+        gt=0,
+        description="idle time before the session expires (a step or a reset starts it again); at most the "
+        "server's NTM_MAX_SESSION_TTL_SECONDS, 7 days by default",
     )
 
 
@@ -122,7 +139,10 @@ class StepOut(BaseModel):
     step: int = Field(description="this step's index, from 0")
     probabilities: list[float] = Field(description="one per slot, in slot order, predicted before this step's label")
     labels: list[Label | None] = Field(description="each slot's label after this step (null: free slot)")
-    prediction: Label | None = Field(description="the label of the most probable slot, null if that slot is free")
+    prediction: Label | None = Field(
+        description="the label the most probable slot held before this step (null if it was still free); "
+        "labels, by contrast, is the table after this step's label"
+    )
     predicted_slot: int
     novelty: float = Field(description="probability mass on slots with no label yet: 'a class not seen before'")
 

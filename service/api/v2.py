@@ -524,12 +524,13 @@ def _as_v2(exc: Exception) -> JSONResponse:
         return v2_error_response(exc.status, exc.message, exc.headers)
     if isinstance(exc, APIError):  # the engine's: 422 and 409 are invalid arguments here
         status = 400 if exc.status in (409, 422) or exc.code == "session_not_found" else exc.status
-        return v2_error_response(status, exc.message, exc.headers)
+        return v2_error_response(status, exc.message, exc.headers, exc.code)
     if isinstance(exc, RequestValidationError):
-        return v2_error_response(400, "; ".join(str(e.get("msg", "invalid")) for e in exc.errors()[:5]))
+        message = "; ".join(str(e.get("msg", "invalid")) for e in exc.errors()[:5])
+        return v2_error_response(400, message, code="invalid_request")
     if isinstance(exc, StarletteHTTPException):
         return v2_error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-    return v2_error_response(500, "internal server error")
+    return v2_error_response(500, "internal server error", code="internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

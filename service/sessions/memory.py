@@ -63,7 +63,9 @@ class MemoryStore(SessionStore):
         return self._remove(session_id)
 
     async def count(self) -> int:
-        return len(self._records)
+        """Live sessions: not those expired and not yet swept (the sweeper drops them every NTM_SWEEP_INTERVAL_SECONDS)."""
+        now = time.time()
+        return sum(not record.is_expired(now) for record in self._records.values())
 
     async def sweep(self) -> int:
         now = time.time()

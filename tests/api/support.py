@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI
 from PIL import Image
 
 from models import NTM
@@ -44,13 +45,22 @@ def api_settings(tiny_checkpoint: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process app with its lifespan running, driven over the ASGI transport."""
+async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An in-process app with its lifespan running, and a client over the ASGI transport."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
-            yield client
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client,
+    ):
+        yield app, client
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """``running_app``'s client alone."""
+    async with running_app(settings) as (_, client):
+        yield client
 
 
 # ----------------------------------------------------------------------------------- servers

@@ -109,6 +109,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
     ("label-bool", lambda: {"json": {**STEP, "label": True}}, 422, "invalid_request"),
     ("label-list", lambda: {"json": {**STEP, "label": ["a"]}}, 422, "invalid_request"),
     ("label-object", lambda: {"json": {**STEP, "label": {"a": 1}}}, 422, "invalid_request"),
+    ("label-257-chars", lambda: {"json": {**STEP, "label": "x" * 257}}, 422, "invalid_request"),
     ("step-negative", lambda: {"json": {**STEP, "step": -1}}, 422, "invalid_request"),
     ("step-string", lambda: {"json": {**STEP, "step": "first"}}, 422, "invalid_request"),
     # shape of the request
@@ -188,6 +189,7 @@ async def test_bad_image_messages_say_what_is_wrong(client: httpx.AsyncClient) -
         (image(), "exactly one of png, pixels or gray8"),
         (image(gray8=b64(bytes(3)), shape=[2, 2]), "needs 4"),
         ({"json": {**STEP, "colour": "red"}}, "colour"),
+        ({"json": {**STEP, "label": "x" * 300}}, "label: a label has at most 256 characters; this one has 300"),
         ({"json": {"steps": [STEP] * (MAX_STEPS_PER_REQUEST + 1)}}, str(MAX_STEPS_PER_REQUEST)),
     ]
     for kwargs, words in cases:

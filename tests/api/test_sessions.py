@@ -16,6 +16,7 @@ from models import load_checkpoint
 from service.settings import PRETRAINED_DIR, Settings
 from tests.api.support import (
     ISO_PATTERN,
+    MAX_BODY_BYTES,
     NUM_WAYS,
     SESSION_ID_PATTERN,
     VALID_STEP,
@@ -24,11 +25,14 @@ from tests.api.support import (
     assert_error,
     new_session,
     random_pixels,
+    running_app,
     session_info,
     step_body,
 )
 
 pytestmark = pytest.mark.anyio
+
+JSON = {"content-type": "application/json"}
 
 
 def parse_iso(text: str) -> float:
@@ -183,6 +187,33 @@ async def test_store_capacity_frees_expired_sessions(tiny_checkpoint: Path) -> N
         assert_error(await client.post("/v1/sessions"), 503, "store_full")
 
 
+async def test_expired_sessions_are_not_counted_live(asgi_client: httpx.AsyncClient) -> None:
+    await new_session(asgi_client, ttl_seconds=0.2)
+    await new_session(asgi_client)
+    await asyncio.sleep(0.3)  # expired, and not yet swept (every 30 s by default)
+    samples = metric_samples((await asgi_client.get("/metrics")).text)
+    assert samples["ntm_active_sessions"][0].value == 1
+
+
+async def test_the_sweeper_drops_expired_sessions(tiny_checkpoint: Path) -> None:
+    async with running_app(api_settings(tiny_checkpoint, sweep_interval_seconds=0.05)) as (app, client):
+        await new_session(client, ttl_seconds=0.2)
+        live = await new_session(client)
+        records = app.state.engine.store._records  # what the store holds, expired or not
+        deadline = time.monotonic() + 10
+        while len(records) > 1 and time.monotonic() < deadline:  # no request touches the store meanwhile
+            await asyncio.sleep(0.05)
+        assert list(records) == [live]
+
+
+async def test_no_new_session_while_draining(tiny_checkpoint: Path) -> None:
+    async with running_app(api_settings(tiny_checkpoint)) as (app, client):
+        app.state.engine.draining = True  # as the lifespan sets it on SIGTERM
+        response = await client.post("/v1/sessions")
+        assert_error(response, 503, "unavailable")
+        assert response.headers["retry-after"] == "1"
+
+
 # ----------------------------------------------------------------------------------- models and health
 
 
@@ -279,6 +310,29 @@ async def test_metrics_count_exactly(asgi_client: httpx.AsyncClient) -> None:
         if s.labels["route"] == "/v1/sessions/{session_id}/steps" and s.labels["status"] == "200"
     ]
     assert posts == [5]
+
+
+async def test_metrics_count_errors_by_code(asgi_client: httpx.AsyncClient) -> None:
+    """Every error answer counts once under its code: the engine's, the schema's, the middleware's, /v2's."""
+    client = asgi_client
+    session_id = await new_session(client)
+    await client.post("/v1/sessions/nope/steps", json=VALID_STEP)
+    await client.get("/v1/sessions/nope")
+    await client.post(f"/v1/sessions/{session_id}/steps", json={"image": {"png": "bm90IGFuIGltYWdl"}})
+    await client.post(f"/v1/sessions/{session_id}/steps", json={"image": {"pixels": [[0]]}, "label": []})
+    await client.post(f"/v1/sessions/{session_id}/steps", content=b"x" * (MAX_BODY_BYTES + 1), headers=JSON)
+    await client.get("/v1/nowhere")
+    await client.get("/v2/models/nope")
+    await client.post(f"/v1/sessions/{session_id}/steps", json=VALID_STEP)  # no error: nothing counted
+    samples = metric_samples((await client.get("/metrics")).text)
+    counted = {s.labels["code"]: s.value for s in samples["ntm_errors_total"]}
+    assert counted == {
+        "session_not_found": 2,
+        "invalid_image": 1,
+        "invalid_request": 1,
+        "payload_too_large": 1,
+        "not_found": 2,
+    }
 
 
 # ----------------------------------------------------------------------------------- docs

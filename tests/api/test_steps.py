@@ -18,6 +18,7 @@ from service.settings import PRETRAINED_DIR, Settings
 from tests.api.support import (
     NUM_WAYS,
     TOLERANCE,
+    api_settings,
     app_client,
     assert_error,
     label_key,
@@ -418,3 +419,23 @@ async def test_models_of_different_image_sizes_each_get_their_own_preprocessing(
             results = await run_episode(client, created.json()["session_id"], bodies)
             model = load_checkpoint(tiny_checkpoint if name == "tiny" else small_dir)
             assert_matches_model(results, reference_probabilities(model, grays, EPISODE_LABELS))
+
+
+async def test_a_label_of_the_longest_length_is_kept_and_echoed(client: httpx.AsyncClient) -> None:
+    session_id = await new_session(client)
+    label = "é" * 256  # characters, not bytes
+    response = await client.post(f"/v1/sessions/{session_id}/steps", json=step_body(random_pixels(0), label))
+    assert response.status_code == 200 and response.json()["labels"][0] == label
+    assert (await session_info(client, session_id))["labels"][0] == label
+
+
+async def test_the_longest_ttl_is_a_setting(tiny_checkpoint: Path) -> None:
+    ten_days = 10 * 24 * 3600.0
+    async with app_client(api_settings(tiny_checkpoint, max_session_ttl_seconds=30 * 24 * 3600.0)) as client:
+        response = await client.post("/v1/sessions", json={"ttl_seconds": ten_days})
+        assert response.status_code == 201, response.text
+    async with app_client(
+        api_settings(tiny_checkpoint, session_ttl_seconds=30.0, max_session_ttl_seconds=60.0)
+    ) as client:
+        error = assert_error(await client.post("/v1/sessions", json={"ttl_seconds": 61}), 422, "invalid_request")
+        assert "60" in error["message"]

@@ -252,3 +252,47 @@ def test_unreadable_or_taken_records_are_refused_clearly(redis_url, redis_prefix
         client.close()
         response = httpx.get(f"{replica.url}/v1/sessions/{session}")
         assert response.status_code == 409 and response.json()["error"]["code"] == "state_incompatible"
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_store_limits_and_sweep_agree_across_stores(kind, redis_url, redis_prefix):
+    """Both stores: full -> StoreFull, an owner at its limit -> OwnerLimit, a live session is never evicted,
+    expired ones count for nothing and leave at the sweep."""
+    from models import NTM, NTMConfig
+    from service.sessions.memory import MemoryStore
+    from service.sessions.store import OwnerLimit, SessionRecord, StoreFull
+
+    state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
+
+    def record(session_id: str, ttl: float, owner: str = "") -> SessionRecord:
+        return SessionRecord(session_id, "default", "fp", state, ttl, time.time() + ttl, owner=owner)
+
+    async def scenario() -> dict:
+        store = MemoryStore() if kind == "memory" else RedisStore(redis_url, redis_prefix)
+        seen: dict = {}
+        try:
+            await store.create(record("short", 0.2), max_sessions=2)
+            await store.create(record("live", 60.0, owner="k"), max_sessions=2, max_per_owner=1)
+            for name, limits in (("full", {"max_sessions": 2}), ("owner", {"max_sessions": 3, "max_per_owner": 1})):
+                try:
+                    await store.create(record(name, 60.0, owner="k"), **limits)
+                    seen[name] = "created"
+                except (StoreFull, OwnerLimit) as exc:
+                    seen[name] = type(exc).__name__
+            seen["count"] = await store.count()
+            await asyncio.sleep(0.3)
+            seen["count_after_expiry"] = await store.count()
+            seen["swept"] = await store.sweep()
+            seen["live_kept"] = (await store.get("live")) is not None
+        finally:
+            await store.close()
+        return seen
+
+    assert asyncio.run(scenario()) == {
+        "full": "StoreFull",
+        "owner": "OwnerLimit",
+        "count": 2,
+        "count_after_expiry": 1,
+        "swept": 1,
+        "live_kept": True,
+    }

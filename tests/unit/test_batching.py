@@ -67,6 +67,23 @@ async def test_jobs_of_different_lengths_share_model_calls_and_match_plain_steps
     assert len(calls) < sum(calls), "jobs shared model calls"
 
 
+async def test_no_model_call_holds_more_than_max_batch_sessions(model: NTM) -> None:
+    """Jobs past ``max_batch`` wait their turn, then join as others finish: every answer is still exact."""
+    calls: list[int] = []
+    batcher = MicroBatcher(model, max_batch=3, max_wait=0.002, observe=lambda size, wait, seconds: calls.append(size))
+    initial = model.initial_state(1).sessions()[0]
+    jobs = [job(seed, steps) for seed, steps in enumerate([4, 2, 6, 1, 3, 5, 2])]
+    try:
+        results = await asyncio.gather(*(batcher.run(initial, images, slots) for images, slots in jobs))
+    finally:
+        batcher.close()
+    for (images, slots), (rows, state) in zip(jobs, results, strict=True):
+        expected_probabilities, expected_state = reference(model, images, slots)
+        assert torch.allclose(torch.tensor(rows), expected_probabilities, atol=1e-6)
+        assert torch.allclose(state.data, expected_state, atol=1e-6)
+    assert max(calls) == 3 and sum(calls) == sum(len(images) for images, _ in jobs)
+
+
 async def test_step_is_a_job_of_one(model: NTM) -> None:
     batcher = MicroBatcher(model)
     images, slots = job(7, 1)

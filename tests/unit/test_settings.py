@@ -1,0 +1,47 @@
+"""The one settings object refuses combinations that would serve wrongly, and ``ntm-serve`` says why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, describe_settings_error
+
+NTM_SERVE = str(Path(sys.executable).with_name("ntm-serve"))
+
+
+def test_several_workers_need_a_shared_store() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(workers=2)
+    assert "needs a shared store" in describe_settings_error(caught.value)
+    assert Settings(workers=2, store="redis://127.0.0.1:6379/0").workers == 2
+
+
+def test_the_default_ttl_may_not_pass_the_longest() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(session_ttl_seconds=120, max_session_ttl_seconds=60)
+    assert describe_settings_error(caught.value) == "session_ttl_seconds (120) is over max_session_ttl_seconds (60)"
+
+
+def test_errors_name_the_environment_variable() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(port=70000)
+    assert describe_settings_error(caught.value).startswith("NTM_PORT: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--workers", "2"], "needs a shared store"), (["--port", "70000"], "NTM_PORT")],
+    ids=["workers-memory", "port"],
+)
+def test_ntm_serve_refuses_bad_settings_before_serving(args: list[str], words: str) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NTM_")}
+    done = subprocess.run([NTM_SERVE, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("ntm-serve: invalid settings: ") and words in done.stderr
+    assert "Traceback" not in done.stderr
