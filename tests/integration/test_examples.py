@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +40,28 @@ def test_tritonclient_episode(shipped):
     probabilities, label = re.fullmatch(r"\[(.*)\] -> (\d)\n", out, re.S).groups()
     assert len(probabilities.split()) == 5
     assert label == "3", out
+
+
+def readme_block(heading: str, language: str) -> str:
+    """The first ``language`` code block under the README heading ``heading``."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split(f"\n{heading}\n", 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's curl episode needs curl")
+def test_readme_curl_episode(shipped):
+    """The README's curl commands, as written, against the shipped model: each answers as the comments say."""
+    script = readme_block("### curl", "bash").replace("localhost:8000", shipped.url.removeprefix("http://"))
+    # Each command's output on a line of its own, to read back.
+    script = "set -e\n" + script.replace("\ncurl ", "\necho; curl ")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outputs = [line for line in result.stdout.splitlines() if line]  # DELETE's 204 writes nothing
+    assert len(outputs) == 5, result.stdout
+    teach_a, teach_b, query, info, reset = outputs
+    assert json.loads(teach_a)["labels"][0] == "plus" and json.loads(teach_b)["labels"][1] == "cross"
+    answer = json.loads(query)
+    assert answer["step"] == 2 and answer["labels"] == ["plus", "cross", None, None, None]
+    assert answer["prediction"] == "plus" and answer["predicted_slot"] == 0
+    assert json.loads(info)["steps"] == 3 and json.loads(reset)["steps"] == 0
