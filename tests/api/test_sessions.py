@@ -364,15 +364,22 @@ async def test_openapi_examples_work_when_pasted(client: httpx.AsyncClient) -> N
         response = await client.post("/v1/sessions", json=example)
         assert response.status_code == 201, response.text
     session_id = response.json()["session_id"]
-    bodies = [*step_examples, *({"image": image} for image in image_examples)]
-    bodies.append({"steps": bodies[:]})
-    for steps_so_far, body in enumerate(bodies[:-1]):
+    named = spec["paths"]["/v1/sessions/{session_id}/steps"]["post"]["requestBody"]["content"]["application/json"][
+        "examples"
+    ]  # the ones /docs offers in its drop-down
+    assert named
+    named_bodies = [example["value"] for example in named.values()]
+    singles = [*step_examples, *({"image": image} for image in image_examples)]
+    singles += [body for body in named_bodies if "steps" not in body]
+    batches = [body for body in named_bodies if "steps" in body]
+    bodies = [*singles, *batches, {"steps": singles}]
+    steps_so_far = 0
+    for body in bodies:
         response = await client.post(f"/v1/sessions/{session_id}/steps", json=body)
         assert response.status_code == 200, (body, response.text)
-        assert response.json()["step"] == steps_so_far
-    response = await client.post(f"/v1/sessions/{session_id}/steps", json=bodies[-1])
-    assert response.status_code == 200, response.text
-    assert len(response.json()["results"]) == len(bodies) - 1
+        results = response.json()["results"] if "steps" in body else [response.json()]
+        assert [r["step"] for r in results] == list(range(steps_so_far, steps_so_far + len(results)))
+        steps_so_far += len(results)
 
     for path, methods in spec["paths"].items():  # every documented error answer uses the one error shape
         for method, operation in methods.items():
