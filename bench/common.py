@@ -102,3 +102,25 @@ def pin_process(pid: int, cpu: int) -> None:
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):
             os.sched_setaffinity(int(task), {cpu})
+
+
+def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
+    """Each thread of ``pid``: (CPU seconds, user + system, so far; context switches so far). Linux (/proc)."""
+    stats = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                switches = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+            stats[int(tid)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches)
+    return stats
+
+
+def cpu_split(
+    pid: int, before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]]
+) -> tuple[float, float]:
+    """CPU seconds between two ``thread_stats``: (the main thread's, which runs the event loop; all others')."""
+    spent = {tid: seconds - before.get(tid, (0.0, 0))[0] for tid, (seconds, _) in after.items()}
+    main = spent.pop(pid, 0.0)
+    return main, sum(spent.values())

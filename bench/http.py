@@ -6,7 +6,10 @@ to one core and drives it from a load generator pinned to the other core:
 - single-client step latency (one connection, one session, sequential steps): p50 / p99;
 - steps/s with 64 concurrent sessions, next to GET /healthz requests/s at the same
   concurrency in the same run (the HTTP stack's ceiling on this machine);
-- steps/s through the batch form ({"steps": [...]}, 10 steps a request, 64 sessions).
+- steps/s through the batch form ({"steps": [...]}, 10 steps a request, 64 sessions), with the
+  CPU time a step costs in it on the event loop's thread and on the others (the model thread):
+  on the one core both share, steps/s is about 1e6 / their sum; a worker whose model thread had
+  a core of its own would be bound by the event loop's figure alone.
 
 With a redis:// store it also reports the bytes one session takes in Redis (MEMORY USAGE)
 and Redis' memory for ``--idle-sessions`` idle sessions written through the store.
@@ -28,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import markdown_table, pin_process, write_json
+from bench.common import cpu_split, markdown_table, pin_process, thread_stats, write_json
 from bench.loadgen import generate_load, http_request
 from tests.servers import ServerProcess
 
@@ -100,7 +103,9 @@ def measure_store(
         step_reqs, batch_reqs = step_requests(sessions, image)
         steps = generate_load(host, port, concurrency, lambda c, n: step_reqs[c][n % 16], seconds, cpus[1])
 
+        before = thread_stats(server.process.pid)
         batch = generate_load(host, port, concurrency, lambda c, n: batch_reqs[c], seconds, cpus[1])
+        loop_cpu, other_cpu = cpu_split(server.process.pid, before, thread_stats(server.process.pid))
         errors = latency.errors + healthz.errors + steps.errors + batch.errors
     finally:
         server.stop()
@@ -115,6 +120,10 @@ def measure_store(
         "sessions_p99_ms": 1000 * steps.percentile(0.99),
         "sessions_vs_healthz": steps.rate / healthz.rate,
         "batch_steps_per_s": 10 * batch.rate,
+        # CPU per step in the batch phase: the event loop's thread (HTTP, JSON, images, sessions) and the
+        # others' (the model thread, mostly): 1e6 / the loop's figure bounds one worker with a core to spare
+        "batch_event_loop_us_per_step": 1e6 * loop_cpu / max(1, 10 * batch.requests),
+        "batch_model_threads_us_per_step": 1e6 * other_cpu / max(1, 10 * batch.requests),
         "errors": errors,
     }
 
@@ -193,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['sessions_steps_per_s']:,.0f}",
             f"{100 * r['sessions_vs_healthz']:.0f}%",
             f"{r['batch_steps_per_s']:,.0f}",
+            f"{r['batch_event_loop_us_per_step']:.0f} / {r['batch_model_threads_us_per_step']:.0f}",
             str(r["errors"]),
         ]
         for r in results
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f">= {100 * TARGETS['sessions_vs_healthz']:.0f}%",
             f">= {TARGETS['batch_steps_per_s']:,}",
+            "",
             "0",
         ]
     )
@@ -219,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"steps/s ({args.concurrency} sessions)",
                 "steps vs /healthz",
                 "batch-form steps/s",
+                "batch CPU us/step: event loop / model",
                 "errors",
             ],
             rows,

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import markdown_table, pin_process, write_json
+from bench.common import markdown_table, pin_process, thread_stats, write_json
 from bench.http import open_sessions, server_env, step_requests
 from bench.loadgen import RequestFactory, generate_load, http_request
 from tests.servers import ROOT, ServerProcess
@@ -31,14 +31,8 @@ from tests.servers import ROOT, ServerProcess
 
 def cpu_and_switches(pid: int) -> tuple[float, int]:
     """(CPU seconds, context switches) of every thread of ``pid`` so far."""
-    seconds, switches = 0.0, 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        with open(f"/proc/{pid}/task/{tid}/status") as status:
-            switches += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
-    return seconds, switches
+    stats = thread_stats(pid).values()
+    return sum(seconds for seconds, _ in stats), sum(switches for _, switches in stats)
 
 
 def phases(url: str, images: list[str]) -> dict[tuple[str, str], tuple[RequestFactory, int]]:
