@@ -47,11 +47,13 @@ def job(seed: int, steps: int) -> tuple[list[np.ndarray], list[int]]:
     return images, slots
 
 
-async def test_jobs_of_different_lengths_share_model_calls_and_match_plain_steps(model: NTM) -> None:
+async def run_jobs(model: NTM, max_batch: int, lengths: list[int]) -> list[int]:
+    """Jobs of ``lengths`` steps, all at once, through a batcher of ``max_batch``: each matches its plain
+    steps; returns the size of every model call."""
     calls: list[int] = []
-    batcher = MicroBatcher(model, max_batch=8, max_wait=0.002, observe=lambda size, wait, seconds: calls.append(size))
+    batcher = MicroBatcher(model, max_batch, max_wait=0.002, observe=lambda size, wait, seconds: calls.append(size))
     initial = model.initial_state(1).sessions()[0]
-    jobs = [job(seed, steps) for seed, steps in enumerate([1, 7, 3, 12, 5, 9])]
+    jobs = [job(seed, steps) for seed, steps in enumerate(lengths)]
     try:
         results = await asyncio.gather(*(batcher.run(initial, images, slots) for images, slots in jobs))
     finally:
@@ -62,26 +64,19 @@ async def test_jobs_of_different_lengths_share_model_calls_and_match_plain_steps
         assert probabilities.shape == (len(images), CONFIG.num_ways)
         assert torch.allclose(probabilities, expected_probabilities, atol=1e-6)
         assert torch.allclose(state.data, expected_state, atol=1e-6)
-    assert sum(calls) == sum(len(images) for images, _ in jobs)
+    assert sum(calls) == sum(lengths), "every step went through the model once"
+    return calls
+
+
+async def test_jobs_of_different_lengths_share_model_calls_and_match_plain_steps(model: NTM) -> None:
+    calls = await run_jobs(model, 8, [1, 7, 3, 12, 5, 9])
     assert len(calls) >= 12, "one step of a session per model call: the longest job needs 12 calls"
     assert len(calls) < sum(calls), "jobs shared model calls"
 
 
 async def test_no_model_call_holds_more_than_max_batch_sessions(model: NTM) -> None:
     """Jobs past ``max_batch`` wait their turn, then join as others finish: every answer is still exact."""
-    calls: list[int] = []
-    batcher = MicroBatcher(model, max_batch=3, max_wait=0.002, observe=lambda size, wait, seconds: calls.append(size))
-    initial = model.initial_state(1).sessions()[0]
-    jobs = [job(seed, steps) for seed, steps in enumerate([4, 2, 6, 1, 3, 5, 2])]
-    try:
-        results = await asyncio.gather(*(batcher.run(initial, images, slots) for images, slots in jobs))
-    finally:
-        batcher.close()
-    for (images, slots), (rows, state) in zip(jobs, results, strict=True):
-        expected_probabilities, expected_state = reference(model, images, slots)
-        assert torch.allclose(torch.tensor(rows), expected_probabilities, atol=1e-6)
-        assert torch.allclose(state.data, expected_state, atol=1e-6)
-    assert max(calls) == 3 and sum(calls) == sum(len(images) for images, _ in jobs)
+    assert max(await run_jobs(model, 3, [4, 2, 6, 1, 3, 5, 2])) == 3
 
 
 async def test_step_is_a_job_of_one(model: NTM) -> None:
