@@ -24,32 +24,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def serve(argv: list[str] | None) -> int:
-    defaults = Settings()
+FLAGS = {  # flag -> setting; a flag given on the command line overrides its NTM_* variable
+    "--host": "host",
+    "--port": "port",
+    "--store": "store",
+    "--model": "models",
+    "--workers": "workers",
+    "--device": "device",
+    "--log-level": "log_level",
+}
+
+
+def settings_from_flags(argv: list[str] | None) -> Settings:
+    """The settings: NTM_* variables, with the flags given on top (written back to the environment, so
+    that uvicorn's worker processes, which build their own settings, see them too)."""
+    fields = Settings.model_fields
     parser = argparse.ArgumentParser(prog="ntm-serve", description="Serve NTM few-shot models over HTTP.")
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--store", default=defaults.store, help="memory:// (default) or redis://host:port/db")
-    parser.add_argument(
-        "--model", action="append", default=None, help="checkpoint directory, repeatable; the shipped model when none"
-    )
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--log-level", default=defaults.log_level)
-    args = parser.parse_args(argv)
-    overrides = {
-        "host": args.host,
-        "port": str(args.port),
-        "store": args.store,
-        "workers": str(args.workers),
-        "device": args.device,
-        "log_level": args.log_level,
-    }
-    if args.model:
-        overrides["models"] = ",".join(args.model)
-    for key, value in overrides.items():
-        os.environ[f"NTM_{key.upper()}"] = value
-    settings = Settings()
+    for flag, name in FLAGS.items():
+        repeatable = name == "models"
+        default = "the shipped model" if repeatable else fields[name].default
+        parser.add_argument(
+            flag,
+            dest=name,
+            action="append" if repeatable else "store",
+            metavar="DIR" if repeatable else name.upper(),
+            help=f"{fields[name].description or name} (NTM_{name.upper()}; default: {default})",
+        )
+    args = vars(parser.parse_args(argv))
+    for name, value in args.items():
+        if value is not None:
+            os.environ[f"NTM_{name.upper()}"] = ",".join(value) if isinstance(value, list) else value
+    return Settings()
+
+
+def serve(argv: list[str] | None) -> int:
+    settings = settings_from_flags(argv)
     configure_logging(settings.log_level)
     for path in settings.models:  # a bad checkpoint stops start-up here, with the file it names
         try:

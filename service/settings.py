@@ -16,8 +16,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="NTM_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [PRETRAINED_DIR],
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="steps one session may take before it must be reset"
     )
 
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error (JSON logs on stderr)")
     access_log: bool = True
     otel_telemetry: bool = Field(
         False,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.cli import FLAGS, settings_from_flags
 from service.settings import Settings, describe_settings_error
 
 NTM_SERVE = str(Path(sys.executable).with_name("ntm-serve"))
@@ -45,3 +46,23 @@ def test_ntm_serve_refuses_bad_settings_before_serving(args: list[str], words: s
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("ntm-serve: invalid settings: ") and words in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_flags_override_the_environment_and_the_rest_comes_from_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in FLAGS.values():  # each variable is put back as it was afterwards
+        monkeypatch.setenv(f"NTM_{name.upper()}", "")
+        monkeypatch.delenv(f"NTM_{name.upper()}")
+    monkeypatch.setenv("NTM_WORKERS", "2")  # valid only with the --store below: the flags count first
+    monkeypatch.setenv("NTM_PORT", "1234")
+    monkeypatch.setenv("NTM_DEVICE", "auto")
+    settings = settings_from_flags(
+        ["--store", "redis://127.0.0.1:6379/0", "--port", "9000", "--model", "a", "--model", "b"]
+    )
+    assert (settings.workers, settings.store, settings.port, settings.device) == (
+        2,
+        "redis://127.0.0.1:6379/0",
+        9000,
+        "auto",
+    )
+    assert [str(path) for path in settings.models] == ["a", "b"]
+    assert os.environ["NTM_MODELS"] == "a,b" and os.environ["NTM_PORT"] == "9000"  # for uvicorn's workers
