@@ -133,3 +133,23 @@ def lrua_write(memory: torch.Tensor, least: torch.Tensor, w: torch.Tensor, add: 
 def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, decay: float) -> torch.Tensor:
     """w_u <- gamma w_u + sum_h w_r[h] + sum_h w_w[h] (Santoro et al. 2016, sec. 3.2): usage [B, N], read/write [B, R, N]."""
     return usage * decay + read.sum(dim=1) + write.sum(dim=1)
+
+
+# ------------------------------------------------------------------ feature-keyed memory
+
+
+def keyed_weighting(
+    keys: torch.Tensor, present: torch.Tensor, query: torch.Tensor, beta: torch.Tensor, null_score: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A soft nearest-neighbour read: softmax over the stored rows' -beta ||q - k_i||^2 and a "none" score.
+
+    keys [B, N, D], present [B, N] bool (rows holding a labeled drawing), query [B, D],
+    beta [B, 1] (> 0), null_score [B, 1] -> (w [B, N], w_null [B]). Rows not present get no
+    weight; the "none" entry takes the mass that no stored drawing explains, so a query far
+    from every row reads mostly nothing. With one row per class and beta = 1 the class masses
+    are the prototypical network's softmax (Snell et al. 2017, eq. 2) with a novelty option.
+    """
+    distances = (keys - query.unsqueeze(1)).square().sum(-1)
+    scores = (-beta * distances).masked_fill(~present, float("-inf"))
+    weights = torch.softmax(torch.cat([scores, null_score], dim=-1), dim=-1)
+    return weights[:, :-1], weights[:, -1]

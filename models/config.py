@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Encoder = Literal["flatten", "conv"]
-ENCODERS: tuple[str, ...] = ("flatten", "conv")
-Addressing = Literal["ntm", "lrua"]
-ADDRESSINGS: tuple[str, ...] = ("ntm", "lrua")
+Encoder = Literal["flatten", "conv", "conv4"]
+ENCODERS: tuple[str, ...] = ("flatten", "conv", "conv4")
+Addressing = Literal["ntm", "lrua", "keyed"]
+ADDRESSINGS: tuple[str, ...] = ("ntm", "lrua", "keyed")
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class NTMConfig:
     Attributes:
         num_ways: classes per episode; the output has one logit per slot.
         image_size: side of the square, preprocessed input image.
-        encoder: ``flatten`` (the seed: raw pixels) or ``conv`` (a small strided CNN).
-        conv_channels: output channels of each 3x3 stride-2 conv layer (``conv`` only).
+        encoder: ``flatten`` (the seed: raw pixels), ``conv`` (a small strided CNN) or ``conv4``
+            (the few-shot standard: four conv-BatchNorm-ReLU-pool blocks; ``models.encoders``).
+        conv_channels: output channels of each conv layer (``conv``: 3x3 stride 2; ``conv4``: each block).
         feature_size: width of the conv encoder's output features (``conv`` only).
         memory_slots: N, rows of the memory matrix.
         memory_width: W, width of each memory row (and of the read vector).
@@ -37,7 +38,12 @@ class NTMConfig:
         addressing: ``ntm`` (the seed: one read and one write head with content, gate, shift
             and sharpening; Graves et al. 2014) or ``lrua`` (least recently used access:
             ``read_heads`` content-addressed reads, each paired with a write to the slot it
-            last read or to a least-used slot; Santoro et al. 2016, sec. 3.2).
+            last read or to a least-used slot; Santoro et al. 2016, sec. 3.2) or ``keyed``
+            (LRUA whose rows are (key of a drawing's features, its label): each step completes
+            the previous drawing's row with its label, reads by a soft nearest neighbour over
+            the stored keys with a learned "none" score, then writes its own key to the
+            least-used slot; ``models.ntm``). With ``keyed`` the first
+            ``memory_width - num_ways`` columns of a row are the key, the rest the label.
         read_heads: number of read heads (``lrua`` only; ``ntm`` has exactly one).
         usage_decay: gamma of the usage update w_u <- gamma w_u + w_r + w_w (``lrua`` only).
     """
@@ -65,8 +71,10 @@ class NTMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.addressing not in ADDRESSINGS:
             raise ValueError(f"addressing must be one of {ADDRESSINGS}, got {self.addressing!r}")
-        if self.read_heads < 1 or (self.addressing == "ntm" and self.read_heads != 1):
-            raise ValueError("read_heads must be >= 1, and exactly 1 with ntm addressing")
+        if self.read_heads < 1 or (self.addressing in ("ntm", "keyed") and self.read_heads != 1):
+            raise ValueError("read_heads must be >= 1, and exactly 1 with ntm or keyed addressing")
+        if self.addressing == "keyed" and self.memory_width <= self.num_ways:
+            raise ValueError("keyed addressing needs memory_width > num_ways (a key, then the label)")
         if self.addressing == "lrua" and self.read_heads > self.memory_slots:
             raise ValueError("lrua needs read_heads <= memory_slots (one least-used slot per head)")
         if not 0.0 <= self.usage_decay <= 1.0:
@@ -83,6 +91,11 @@ class NTMConfig:
     def num_shifts(self) -> int:
         """Number of shift weights s: one per offset in [-shift_range, +shift_range]."""
         return 2 * self.shift_range + 1
+
+    @property
+    def key_size(self) -> int:
+        """Width of a row's key with ``keyed`` addressing: the memory width less the label columns."""
+        return self.memory_width - self.num_ways
 
     @property
     def read_width(self) -> int:

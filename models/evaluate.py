@@ -1,15 +1,25 @@
-"""``ntm-eval``: Santoro et al.'s accuracy-by-instance table, with 95% confidence intervals.
+"""``ntm-eval``: Santoro et al.'s accuracy-by-instance table, with 95% confidence intervals,
+and beside each model the two no-memory baselines that say what its memory adds.
 
 For each episode, the accuracy at the k-th instance is the fraction of classes whose k-th
-appearance was predicted right (argmax over slots). The table reports the mean over
-episodes and a normal-approximation 95% interval, 1.96 * std / sqrt(episodes).
+appearance was predicted right (argmax over slots; at a class's first appearance the right
+answer is the next free slot). ``models.scoring`` makes the table.
+
+Baselines (``--baseline``, repeatable), scored on the same episodes as the models:
+
+- ``prototype``: the online nearest-class-mean rule (``models.protonet``) over each model's own
+  encoder features: the model without its memory and controller.
+- ``protonet``: a Conv-4 prototypical network (``ntm-protonet``; ``--protonet DIR``, by default
+  the shipped one) under the same rule.
+
+Each rule's novelty threshold is fit on episodes of the alphabets *not* being scored
+(``--fit-alphabets``; by default every other alphabet in ``--data``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -19,8 +29,13 @@ from models.checkpoint import load_checkpoint, resolve_device
 from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import load_omniglot
 from models.ntm import NTM
+from models.protonet import ProtoNet, evaluate_prototype_rule, fit_threshold_on
+from models.scoring import by_instance, per_episode_accuracy
 
-REPORTED_INSTANCES = (1, 2, 3, 4, 5, 10)
+SHIPPED_PROTONET = Path(__file__).parent / "protonet"
+BASELINES = ("prototype", "protonet")
+FIT_EPISODES = 1000
+FIT_SEED = 4321
 
 
 @torch.inference_mode()
@@ -39,30 +54,29 @@ def evaluate(model: NTM, sampler: EpisodeSampler, episodes: int = 1000, batch_si
         correct = (logits.argmax(-1) == batch.targets).float()  # [T, B]
         correct_total += int(correct.sum().item())
         steps_total += correct.numel()
-        hits = torch.zeros(sampler.shots, correct.shape[1], device=correct.device)
-        counts = torch.zeros_like(hits)
-        index = (batch.instance - 1).clamp_max(sampler.shots - 1)
-        hits.scatter_add_(0, index, correct)
-        counts.scatter_add_(0, index, torch.ones_like(correct))
-        per_episode.append((hits / counts.clamp_min(1)).T.cpu())
+        per_episode.append(per_episode_accuracy(correct, batch.instance, sampler.shots))
         remaining -= correct.shape[1]
-    table = torch.cat(per_episode)
-    result: dict = {
+    return {
         "episodes": episodes,
         "ways": sampler.ways,
         "shots": sampler.shots,
         "accuracy": correct_total / steps_total,
         "loss": sum(losses) / steps_total,
-        "by_instance": {},
+        "by_instance": by_instance(torch.cat(per_episode)),
     }
-    for k in REPORTED_INSTANCES:
-        if k <= sampler.shots:
-            column = table[:, k - 1]
-            half_width = (
-                1.96 * column.std(unbiased=True).item() / math.sqrt(len(column)) if len(column) > 1 else float("nan")
-            )
-            result["by_instance"][str(k)] = {"accuracy": column.mean().item(), "ci95": half_width}
-    return result
+
+
+def prototype_baseline(
+    encode, fit_data, score_sampler: EpisodeSampler, episodes: int, threshold: float | None = None
+) -> dict:
+    """The online prototype rule over ``encode``'s features: the threshold fit on ``fit_data``
+    (unless given), the table on ``score_sampler``'s episodes."""
+    if threshold is None:
+        fit = evaluation_sampler(
+            fit_data, score_sampler.ways, score_sampler.shots, FIT_SEED, device=score_sampler.device
+        )
+        threshold = fit_threshold_on(encode, fit, FIT_EPISODES)
+    return evaluate_prototype_rule(encode, threshold, score_sampler, episodes)
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -84,7 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ntm-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="Omniglot folder or zip")
     parser.add_argument("--alphabets", nargs="*", default=None, help="alphabets to draw from (default: all)")
+    parser.add_argument(
+        "--fit-alphabets",
+        nargs="*",
+        default=None,
+        help="alphabets the baselines' novelty thresholds are fit on (default: those of --data not scored)",
+    )
     parser.add_argument("--model", action="append", required=True, help="checkpoint directory (repeatable)")
+    parser.add_argument(
+        "--baseline", action="append", choices=BASELINES, default=[], help="no-memory baseline to add (repeatable)"
+    )
+    parser.add_argument(
+        "--protonet", type=Path, default=SHIPPED_PROTONET, help="ntm-protonet model for --baseline protonet"
+    )
+    parser.add_argument(
+        "--refit-protonet",
+        action="store_true",
+        help="fit the protonet's threshold on --fit-alphabets instead of using the one it was trained with",
+    )
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--ways", type=int, default=None, help="default: the model's num_ways")
     parser.add_argument("--shots", type=int, default=10)
@@ -94,20 +125,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-
-    device = resolve_device(args.device)
-    models = {path: load_checkpoint(path, device) for path in args.model}
-    image_size = next(iter(models.values())).config.image_size
-    data = load_omniglot(args.data, image_size, args.alphabets).as_array()
-    results = {}
-    for path, model in models.items():
-        ways = args.ways or model.config.num_ways
-        sampler = evaluation_sampler(data, ways, args.shots, args.seed, args.rotate_classes, device)
-        results[path] = evaluate(model, sampler, args.episodes, args.batch_size)
+    results = run_evaluation(args)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, dict]:
+    """Every model, then its prototype baseline, then the protonet, on the same episodes."""
+    device = resolve_device(args.device)
+    models = {path: load_checkpoint(path, device) for path in args.model}
+    image_size = next(iter(models.values())).config.image_size
+    everything = load_omniglot(args.data, image_size)
+    scored = everything.select(args.alphabets) if args.alphabets else everything
+    data = scored.as_array()
+    fit_data = None
+    if args.baseline:
+        fit = (
+            everything.select(args.fit_alphabets)
+            if args.fit_alphabets
+            else everything.select(scored.alphabets, exclude=True)
+        )
+        if not fit.characters:
+            raise SystemExit("ntm-eval: the baselines need alphabets to fit on: give --alphabets or --fit-alphabets")
+        fit_data = fit.as_array()
+
+    def sampler(ways: int) -> EpisodeSampler:
+        return evaluation_sampler(data, ways, args.shots, args.seed, args.rotate_classes, device)
+
+    results: dict[str, dict] = {}
+    for path, model in models.items():
+        ways = args.ways or model.config.num_ways
+        results[path] = evaluate(model, sampler(ways), args.episodes, args.batch_size)
+        if "prototype" in args.baseline:
+            results[f"{path}: prototype rule on its encoder"] = prototype_baseline(
+                model.encoder, fit_data, sampler(ways), args.episodes
+            )
+    if "protonet" in args.baseline:
+        net = ProtoNet.load(args.protonet, device)
+        threshold = None if args.refit_protonet else float(net.novelty_threshold)
+        ways = args.ways or next(iter(models.values())).config.num_ways
+        results[f"protonet ({args.protonet})"] = prototype_baseline(
+            net, fit_data, sampler(ways), args.episodes, threshold
+        )
+    return results
 
 
 if __name__ == "__main__":

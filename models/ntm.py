@@ -19,6 +19,22 @@ update the usage. The add vector is separate from the key: at step t the control
 the label of x_{t-1} (label offset), so what it writes is about x_{t-1} while its key is
 about x_t. Reading after the write finds x_{t-1} when x_t is of the same class.
 
+With ``addressing="keyed"`` a memory row is (key, label): the key q = P f of a drawing's
+features, the label its one-hot slot. At step t, with the label of x_{t-1} now known:
+
+a. complete the row x_{t-1} was written to (the previous write weighting w_w) with that
+   label; after a step without a label, erase that row instead (M <- M (1 - w_w e^T) + w_w a^T
+   with e = 1 - labeled, a = [0, onehot(y_{t-1})]), so only labeled drawings are recalled
+3. from h_t: strength beta_t = softplus and a "none" score nu_t
+4. read by a soft nearest neighbour (``addressing.keyed_weighting``): w_r = softmax over the
+   labeled rows of -beta_t ||q_t - k_i||^2, and nu_t; r_t = w_r^T M. The label columns of
+   r_t are the mass on each slot, and w_none the mass nothing stored explains
+5. write q_t into the least-used slot (LRUA: zero it, then add [q_t, 0]); update the usage
+6. p = class masses + w_none on the next free slot; logits = log p + Linear([h_t, r_t])
+
+So a read is what a prototype classifier computes, and the controller, which sees the label
+inputs and past reads, sets how sharp it is and when a drawing counts as new.
+
 Label input (Santoro et al. 2016, sec. 3): at step t the model sees image x_t together with
 the one-hot slot of the label of step t-1 (all zeros at t = 0 and after a step that had no
 label) and predicts the slot of x_t. So a label teaches the model one step later.
@@ -36,63 +52,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import addressing, onednn
+from models import addressing
 from models.config import NTMConfig
+from models.encoders import make_encoder
 from models.state import NTMState
 
 NUM_HEADS = 2  # head 0 reads, head 1 writes
-
-
-class ConvEncoder(nn.Module):
-    """3x3 stride-2 convolutions with ReLU, then a linear map and LayerNorm to features.
-
-    At 28x28 with channels (16, 32, 64) it costs about 1.2 MFLOP per image; the encoder runs
-    once for all T steps of a sequence because it does not depend on the recurrence. Without
-    autograd, on the CPU, batches of two images or more go through the convolutions in
-    oneDNN's blocked layout (``models.onednn``: 1.3x faster, the same features to 1e-6).
-    """
-
-    def __init__(self, config: NTMConfig) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels, side = 1, config.image_size
-        for out_channels in config.conv_channels:
-            layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
-            channels, side = out_channels, (side + 1) // 2
-        self.convs = nn.Sequential(*layers)
-        self.project = nn.Linear(channels * side * side, config.feature_size)
-        self.norm = nn.LayerNorm(config.feature_size)
-        self._blocked: onednn.BlockedConvStack | None = None  # built on first use, see _convolve
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, S, S] in [0, 1] -> features [B, feature_size]."""
-        return self.norm(self.project(self._convolve(images.unsqueeze(1)).flatten(1)))
-
-    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        blockable = x.shape[0] >= onednn.MIN_BATCH and x.device.type == "cpu" and x.dtype == torch.float32
-        if not blockable or torch.is_grad_enabled() or not onednn.available():
-            return self.convs(x)
-        if self._blocked is None or not self._blocked.is_current():
-            self._blocked = onednn.BlockedConvStack([m for m in self.convs if isinstance(m, nn.Conv2d)])
-        return self._blocked(x)
-
-    def __getstate__(self) -> dict:
-        """Pickling and deep copies leave the oneDNN weights behind (rebuilt on use)."""
-        return {**super().__getstate__(), "_blocked": None}
-
-
-class FlattenEncoder(nn.Module):
-    """The seed's encoder: the raw pixels as a vector."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.flatten(1)
-
-
-def make_encoder(config: NTMConfig) -> tuple[nn.Module, int]:
-    """The configured image encoder and its feature width."""
-    if config.encoder == "conv":
-        return ConvEncoder(config), config.feature_size
-    return FlattenEncoder(), config.image_size * config.image_size
+KEYED_ROWS = 3  # keyed addressing state: the read weighting, the write weighting, the usage
+PROBABILITY_EPS = 1e-6  # keyed read-out: log(p + eps), so a slot with no mass stays finite
+SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(SOFTPLUS_ONE) = 1
 
 
 class NTM(nn.Module):
@@ -109,7 +77,12 @@ class NTM(nn.Module):
         self.recurrent_proj = nn.Linear(hidden + config.read_width, 4 * hidden, bias=False)
         self.h0 = nn.Parameter(torch.randn(hidden) * 0.05)
         self.c0 = nn.Parameter(torch.randn(hidden) * 0.05)
-        if config.use_memory:
+        if config.use_memory and config.addressing == "keyed":
+            # The key of a row is a projection of the features (identity at the start when the
+            # widths agree); the head gives beta and the "none" score.
+            self.key_proj = nn.Linear(feature_size, config.key_size)
+            self.head_proj = nn.Linear(hidden, 2)
+        elif config.use_memory:
             if config.addressing == "ntm":
                 # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
                 self._head_size, heads = width + 3 + config.num_shifts, NUM_HEADS
@@ -132,6 +105,18 @@ class NTM(nn.Module):
         nn.init.zeros_(self.input_proj.bias)
         with torch.no_grad():  # forget-gate bias 1 (Jozefowicz et al. 2015)
             self.input_proj.bias[hidden : 2 * hidden] = 1.0
+        if self.config.use_memory and self.config.addressing == "keyed":
+            with torch.no_grad():
+                if self.key_proj.in_features == self.key_proj.out_features:
+                    self.key_proj.weight.copy_(torch.eye(self.config.key_size))
+                else:
+                    nn.init.xavier_uniform_(self.key_proj.weight)
+                nn.init.zeros_(self.key_proj.bias)
+                nn.init.zeros_(self.head_proj.weight)  # beta = 1, "none" score 0 until trained
+                self.head_proj.bias.copy_(torch.tensor([SOFTPLUS_ONE, 0.0]))
+            nn.init.zeros_(self.output.weight)  # the read-out starts as the memory's own log p
+            nn.init.zeros_(self.output.bias)
+            return
         if self.config.use_memory:
             nn.init.xavier_uniform_(self.head_proj.weight, gain=1.4)
             nn.init.normal_(self.head_proj.bias, std=0.01)
@@ -149,7 +134,11 @@ class NTM(nn.Module):
         cfg, dev = self.config, self.device
         h = self.h0.expand(batch_size, -1)
         c = self.c0.expand(batch_size, -1)
-        if cfg.use_memory:
+        if cfg.use_memory and cfg.addressing == "keyed":  # nothing stored, nothing read
+            memory = torch.zeros(batch_size, cfg.memory_slots, cfg.memory_width, device=dev)
+            weights = torch.zeros(batch_size, KEYED_ROWS, cfg.memory_slots, device=dev)
+            read = torch.zeros(batch_size, cfg.read_width, device=dev)
+        elif cfg.use_memory:
             memory = torch.full((batch_size, cfg.memory_slots, cfg.memory_width), cfg.memory_init, device=dev)
             weights = torch.softmax(self.weight0_logits, dim=-1)
             if cfg.addressing == "lrua":  # the read weightings, then the usage (all slots unused)
@@ -186,10 +175,15 @@ class NTM(nn.Module):
         """Everything of a step that does not depend on the recurrence, for any leading shape.
 
         images [..., S, S], label_inputs [..., K] -> controller pre-activations [..., 4*hidden].
+        With ``keyed`` addressing the row is [pre-activations, key q = P f, label input]: the
+        recurrent step needs the key and the label too, and neither depends on the recurrence.
         """
         lead = images.shape[:-2]
         features = self.encoder(images.reshape(-1, *images.shape[-2:]))
-        pre = self.input_proj(torch.cat([features, label_inputs.reshape(-1, label_inputs.shape[-1])], dim=-1))
+        labels = label_inputs.reshape(-1, label_inputs.shape[-1])
+        pre = self.input_proj(torch.cat([features, labels], dim=-1))
+        if self.config.use_memory and self.config.addressing == "keyed":
+            pre = torch.cat([pre, self.key_proj(features), labels], dim=-1)
         return pre.reshape(*lead, -1)
 
     def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
@@ -202,6 +196,9 @@ class NTM(nn.Module):
         sizes): one ``addmm`` for the recurrent projection, ``split`` instead of slicing.
         """
         cfg = self.config
+        keyed = cfg.use_memory and cfg.addressing == "keyed"
+        if keyed:
+            pre, query, label = pre.split([4 * cfg.hidden_size, cfg.key_size, cfg.num_ways], dim=-1)
         recurrent_in = torch.cat([state.h, state.read], dim=-1) if cfg.use_memory else state.h
         gates = torch.addmm(pre, recurrent_in, self.recurrent_proj.weight.t())
         in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=-1)
@@ -209,6 +206,10 @@ class NTM(nn.Module):
         h = torch.sigmoid(out_gate) * torch.tanh(c)
         if not cfg.use_memory:
             return self.output(h), NTMState(state.memory, state.read, state.weights, h, c)
+        if keyed:
+            memory, read, weights, probabilities = self._keyed_access(h, state, query, label)
+            logits = torch.log(probabilities + PROBABILITY_EPS) + self.output(torch.cat([h, read], dim=-1))
+            return logits, NTMState(memory, read, weights, h, c)
         memory, read, weights = (self._ntm_access if cfg.addressing == "ntm" else self._lrua_access)(h, state)
         logits = self.output(torch.cat([h, read], dim=-1))
         return logits, NTMState(memory, read, weights, h, c)
@@ -256,6 +257,36 @@ class NTM(nn.Module):
         read = torch.bmm(read_weight, memory).flatten(1)
         usage = addressing.update_usage(usage, read_weight, write_weight, cfg.usage_decay)
         return memory, read, torch.cat([read_weight, usage.unsqueeze(1)], dim=1)
+
+    def _keyed_access(
+        self, h: torch.Tensor, state: NTMState, query: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps a, 3-5 of the module docstring's keyed memory -> (M_t, r_t, weightings, p [B, K]).
+
+        The state's addressing rows are the previous read weighting, the previous write
+        weighting (the row the previous drawing's key went to) and the usage.
+        """
+        cfg = self.config
+        _, write_prev, usage = state.weights.unbind(1)
+        labeled = label.sum(-1, keepdim=True)  # 1 when step t-1 carried a label, else 0
+        unlabeled = 1 - labeled
+        completion = torch.cat([torch.zeros_like(query), label], dim=-1)
+        memory = addressing.write(state.memory, write_prev, unlabeled.expand(-1, cfg.memory_width), completion)
+        usage = usage * (1 - unlabeled * write_prev)  # an erased row is free again
+        keys, labels = memory.split([cfg.key_size, cfg.num_ways], dim=-1)
+        beta, none_score = self.head_proj(h).split(1, dim=-1)
+        read_weight, none_weight = addressing.keyed_weighting(
+            keys, labels.sum(-1) > 0.5, query, F.softplus(beta), none_score
+        )
+        read = addressing.read(memory, read_weight)
+        free_slot = (labels.sum(1) > 0.5).sum(-1)  # slots are taken in order: the count is the next free one
+        table = torch.eye(cfg.num_ways + 1, cfg.num_ways, dtype=read.dtype, device=read.device)
+        probabilities = read[:, cfg.key_size :] + none_weight.unsqueeze(-1) * table[free_slot]
+        least = addressing.least_used(usage, 1)
+        row = torch.cat([query, torch.zeros_like(label)], dim=-1).unsqueeze(1)
+        memory = addressing.lrua_write(memory, least, least, row)
+        usage = addressing.update_usage(usage, read_weight.unsqueeze(1), least, cfg.usage_decay)
+        return memory, read, torch.stack([read_weight, least.squeeze(1), usage], dim=1), probabilities
 
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
         """One step of B sessions: images [B, S, S], label_inputs [B, K] -> (logits [B, K], new state).

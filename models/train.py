@@ -31,6 +31,7 @@ from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
 from models.evaluate import evaluate
 from models.ntm import NTM
+from models.protonet import ProtoNet
 
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -59,6 +60,7 @@ class TrainOptions:
     device: str = "auto"
     resume: bool = False
     init_from: Path | None = None
+    encoder_from: Path | None = None
     stop_at: int | None = None
     stop_after_minutes: float | None = None
     log_every: int = 20
@@ -164,6 +166,25 @@ class CUDAGraphStep:
         return self.loss.item(), self.accuracy.item()
 
 
+@torch.no_grad()
+def init_from_protonet(model: NTM, protonet: ProtoNet) -> None:
+    """Start a conv4 keyed NTM from a trained prototypical network (``ntm-protonet``).
+
+    The encoder's weights are copied, and the "none" score's bias is set to minus the
+    protonet's novelty threshold: with beta = 1 and the identity key projection that
+    ``NTM`` starts with, the first read then says "new" exactly where the protonet's online
+    rule does (a drawing farther than the threshold from every stored one).
+    """
+    cfg = model.config
+    if cfg.encoder != "conv4" or tuple(cfg.conv_channels) != protonet.channels:
+        raise ValueError(
+            f"--encoder-from needs --encoder conv4 --conv-channels {' '.join(map(str, protonet.channels))}"
+        )
+    model.encoder.load_state_dict(protonet.encoder.state_dict())
+    if cfg.use_memory and cfg.addressing == "keyed":
+        model.head_proj.bias[1] = -float(protonet.novelty_threshold)
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Learning curves (training loss and accuracy, validation accuracy by instance) as PNG."""
     import matplotlib
@@ -218,8 +239,12 @@ class Trainer:
         )
         self.val_data = val_set.as_array()
         self.model = NTM(config).to(self.device)
+        if config.encoder == "conv4":  # the layout its convolutions train fastest in (see Conv4Encoder)
+            self.model = self.model.to(memory_format=torch.channels_last)
         if options.init_from is not None and not options.resume:
             self.model.load_state_dict(load_checkpoint(options.init_from).state_dict())
+        elif options.encoder_from is not None and not options.resume:
+            init_from_protonet(self.model, ProtoNet.load(options.encoder_from))
         self.cuda_graph = options.cuda_graph and self.device.type == "cuda"
         self.optimizer = make_optimizer(self.model, options.lr, capturable=self.cuda_graph)
         self.graph_step: CUDAGraphStep | None = None
@@ -375,13 +400,16 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         help="fetch the official background zip into DIR first and train on it",
     )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    parser.add_argument("--encoder", choices=["conv", "flatten"], default="conv")
+    parser.add_argument("--encoder", choices=["conv", "conv4", "flatten"], default="conv")
+    parser.add_argument(
+        "--conv-channels", type=int, nargs="+", default=None, help="channels per conv layer (default: the config's)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="train the LSTM-only baseline")
     parser.add_argument(
         "--addressing",
-        choices=["ntm", "lrua"],
+        choices=["ntm", "lrua", "keyed"],
         default="ntm",
-        help="memory access: the seed's NTM heads or Santoro et al.'s least recently used access",
+        help="memory access: the seed's NTM heads, Santoro et al.'s least recently used access, or LRUA over feature keys",
     )
     parser.add_argument("--read-heads", type=int, default=1, help="read heads (lrua only)")
     parser.add_argument("--ways", type=int, default=5)
@@ -423,6 +451,13 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         help="start from this checkpoint's config and weights (fine-tuning) with a fresh optimiser and schedule",
     )
     parser.add_argument(
+        "--encoder-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="start the conv4 encoder (and the keyed memory's novelty score) from this ntm-protonet model",
+    )
+    parser.add_argument(
         "--stop-at", type=int, default=None, help="checkpoint and stop at this iteration, as if interrupted"
     )
     parser.add_argument(
@@ -443,9 +478,13 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         from models.data.omniglot import download_omniglot
 
         data = download_omniglot(args.download)[0]
+    channels = {} if args.conv_channels is None else {"conv_channels": tuple(args.conv_channels)}
+    if args.encoder == "conv4" and args.conv_channels is None:
+        channels = {"conv_channels": (64, 64, 64, 64)}
     config = NTMConfig(
         num_ways=args.ways,
         encoder=args.encoder,
+        **channels,
         use_memory=not args.no_memory,
         memory_slots=args.memory_slots,
         memory_width=args.memory_width,
@@ -473,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         device=args.device,
         resume=args.resume,
         init_from=args.init_from,
+        encoder_from=args.encoder_from,
         stop_at=args.stop_at,
         stop_after_minutes=args.stop_after_minutes,
         progress=not args.no_progress,

@@ -33,75 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import NTMConfig
-from models.data.episodes import EpisodeBatch, EpisodeSampler, evaluation_sampler
+from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
 from models.evaluate import evaluate
 from models.ntm import NTM
+from models.protonet import pretrain_encoder, prototype_accuracy
 
 RECORD_FILE = "warmstart.json"
-
-
-def prototype_logits(features: torch.Tensor, classes: torch.Tensor, support: torch.Tensor, ways: int) -> torch.Tensor:
-    """Minus the squared distance of every step to every class prototype (Snell et al. 2017, eq. 1-2).
-
-    features [B, T, F], classes [B, T] (0..ways-1), support [B, T] bool -> logits [B, T, ways].
-    A prototype is the mean of its class's support features.
-    """
-    members = F.one_hot(classes, ways).to(features.dtype) * support.unsqueeze(-1).to(features.dtype)
-    prototypes = members.transpose(1, 2) @ features / members.sum(1).clamp_min(1).unsqueeze(-1)
-    return -torch.cdist(features, prototypes).square()
-
-
-def prototype_loss(
-    encoder: nn.Module, batch: EpisodeBatch, ways: int, support_shots: int
-) -> tuple[torch.Tensor, float]:
-    """Cross-entropy of the queries (instances after the first ``support_shots``) and their accuracy.
-
-    The batch must have every step labeled, so its targets are the classes' slots.
-    """
-    steps, size = batch.images.shape[0], batch.images.shape[-1]
-    features = encoder(batch.images.reshape(-1, size, size)).reshape(steps, batch.images.shape[1], -1).transpose(0, 1)
-    classes, instance = batch.targets.t(), batch.instance.t()
-    logits = prototype_logits(features, classes, instance <= support_shots, ways)
-    query = instance > support_shots
-    loss = F.cross_entropy(logits[query], classes[query])
-    accuracy = (logits[query].argmax(-1) == classes[query]).float().mean().item()
-    return loss, accuracy
-
-
-@torch.no_grad()
-def prototype_accuracy(encoder: nn.Module, sampler: EpisodeSampler, episodes: int, support_shots: int = 1) -> float:
-    """Query accuracy of nearest-prototype classification with ``support_shots`` drawings per class."""
-    encoder.eval()
-    _, accuracy = prototype_loss(encoder, sampler.sample(episodes), sampler.ways, support_shots)
-    return accuracy
-
-
-def pretrain_encoder(
-    encoder: nn.Module,
-    sampler: EpisodeSampler,
-    iterations: int,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    progress: bool = True,
-) -> list[float]:
-    """Adam on the 1-shot prototypical loss; returns the loss of every iteration."""
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
-    losses = []
-    encoder.train()
-    for _ in tqdm(range(iterations), disable=not progress, desc="encoder", unit="it", dynamic_ncols=True):
-        loss, _ = prototype_loss(encoder, sampler.sample(batch_size), sampler.ways, support_shots=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def check_compatible(source: NTMConfig, target: NTMConfig) -> None:

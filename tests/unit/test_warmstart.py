@@ -10,14 +10,12 @@ from models.config import NTMConfig
 from models.data.episodes import EpisodeSampler
 from models.data.omniglot import load_omniglot
 from models.ntm import NTM
+from models.protonet import pretrain_encoder, prototype_logits, prototype_loss
 from models.train import Trainer
 from models.warmstart import (
     RECORD_FILE,
     fit_input_projection,
     main,
-    pretrain_encoder,
-    prototype_logits,
-    prototype_loss,
     transplant,
 )
 from tests.unit.test_train import options

@@ -1,0 +1,81 @@
+"""The feature-keyed LRUA memory: rows of (key, label), a soft nearest-neighbour read, and its start from a protonet."""
+
+import torch
+
+from models.config import NTMConfig
+from models.data.episodes import EpisodeSampler, evaluation_sampler
+from models.data.omniglot import load_omniglot
+from models.ntm import NTM
+from models.protonet import ProtoNet, episode_distances, online_predictions
+from models.state import NTMState
+from models.train import init_from_protonet
+
+CHANNELS = (8, 8, 8, 8)
+SMALL = dict(encoder="conv4", conv_channels=CHANNELS, addressing="keyed", memory_width=8 + 5, hidden_size=16)
+
+
+def keyed(slots: int = 32, seed: int = 0) -> NTM:
+    torch.manual_seed(seed)
+    return NTM(NTMConfig(**SMALL, memory_slots=slots)).eval()
+
+
+def test_steps_one_at_a_time_give_the_sequence_forward_with_unlabeled_steps(omniglot_zip):
+    model = keyed()
+    batch = EpisodeSampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 6, unlabeled_prob=0.3, seed=2).sample(3)
+    with torch.no_grad():
+        whole, last = model.forward_sequence(batch.images, batch.label_inputs)
+        state, steps = model.initial_state(3), []
+        for t in range(batch.images.shape[0]):
+            logits, state = model.step(state, batch.images[t], batch.label_inputs[t])
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps), whole, atol=1e-5)
+    assert last.weights.shape == (3, 3, 32) and torch.isfinite(whole).all()
+    assert NTMState.from_bytes(state.select([1]).to_bytes()).equal(state.select([1]))
+
+
+def test_started_from_a_protonet_the_memory_reads_as_the_prototype_rule(omniglot_zip):
+    """With at most one stored drawing per class, the first read predicts what the protonet's online rule does."""
+    torch.manual_seed(3)
+    net = ProtoNet(CHANNELS).eval()
+    images = load_omniglot(omniglot_zip, 28).as_array()
+    batch = evaluation_sampler(images, 5, 4, seed=5).sample(60)
+    distances, used = episode_distances(net, batch)
+    threshold = float(distances[torch.isfinite(distances)].median())  # a cut that makes both answers common
+    net.novelty_threshold.fill_(threshold)
+    model = keyed()
+    init_from_protonet(model, net)
+    with torch.no_grad():
+        logits, _ = model.forward_sequence(batch.images, batch.label_inputs)
+    rule = online_predictions(distances, used, threshold)
+    members = torch.nn.functional.one_hot(batch.targets, 5)
+    one_stored = (members.cumsum(0) - members).amax(-1) <= 1  # no class has two drawings before this step
+    assert one_stored.sum() > 150
+    assert torch.equal(logits.argmax(-1)[one_stored], rule[one_stored])
+    new = rule[one_stored] == used[one_stored]
+    assert 0.1 < new.float().mean() < 0.9
+
+
+def test_an_unlabeled_step_is_forgotten_and_its_slot_freed():
+    model = keyed(slots=4)
+    images = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        state = model.initial_state(1)
+        _, state = model.step(state, images[0], model.label_input(torch.tensor([-1])))
+        written = state.weights[0, 1].argmax()
+        assert state.memory[0, written, :8].abs().sum() > 0  # the key waits for its label
+        _, state = model.step(state, images[1], model.label_input(torch.tensor([-1])))  # step 0 had no label
+        assert state.memory[0, written].abs().sum() == 0 or state.weights[0, 1].argmax() == written
+        _, state = model.step(state, images[2], model.label_input(torch.tensor([2])))  # step 1's label: slot 2
+        labels = state.memory[0, :, 8:]
+        assert labels.sum() == 1 and labels[:, 2].sum() == 1  # only the labeled drawing is stored
+
+
+def test_more_labeled_steps_than_slots_reuse_the_least_used_ones():
+    model = keyed(slots=4)
+    with torch.no_grad():
+        state = model.initial_state(2)
+        for t in range(12):
+            logits, state = model.step(state, torch.rand(2, 28, 28), model.label_input(torch.tensor([t % 5, 1])))
+            assert torch.isfinite(logits).all()
+    labels = state.memory[:, :, 8:]
+    assert (labels.sum(-1) <= 1).all() and labels.sum() <= 2 * 4
