@@ -8,7 +8,8 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"  # served as "default"
+FAST_DIR = Path(__file__).resolve().parent.parent / "models" / "fast"  # the faster, less accurate conv NTM
 
 
 class Settings(BaseSettings):
@@ -20,8 +21,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     models: Annotated[list[Path], NoDecode] = Field(
-        default_factory=lambda: [PRETRAINED_DIR],
-        description="checkpoint directories (config.json + model.safetensors); the first is the default",
+        default_factory=lambda: [PRETRAINED_DIR, FAST_DIR],
+        description="checkpoint directories (config.json + model.safetensors); the first is the default "
+        "(by default the shipped models: the accurate one as 'default', the fast one as 'fast')",
     )
     store: str = Field("memory://", description="memory:// or redis://host:port/db (rediss:// for TLS)")
     redis_prefix: str = Field("ntm:", description="key prefix for the Redis store")

@@ -37,9 +37,9 @@ def draw_character(alphabet: int, character: int, drawing: int, size: int = 105)
     return image
 
 
-def write_omniglot(root: Path, set_name: str = "images_background") -> Path:
+def write_omniglot(root: Path, set_name: str = "images_background", characters: int = CHARACTERS_PER_ALPHABET) -> Path:
     for a, alphabet in enumerate(FIXTURE_ALPHABETS):
-        for c in range(CHARACTERS_PER_ALPHABET):
+        for c in range(characters):
             folder = root / set_name / alphabet / f"character{c + 1:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             for d in range(DRAWINGS):

@@ -90,7 +90,9 @@ def test_ntm_protonet_trains_fits_and_records(omniglot_zip, tmp_path):
     assert float(ProtoNet.load(out).novelty_threshold) == record["novelty_threshold"]
     # The validation figures are the rule's on those episodes, as the scorer computes them.
     gamma = load_omniglot(omniglot_zip, 28, ["Gamma"]).as_array()
-    again = evaluate_prototype_rule(ProtoNet.load(out), record["novelty_threshold"], evaluation_sampler(gamma, 4, 10), 20)
+    again = evaluate_prototype_rule(
+        ProtoNet.load(out), record["novelty_threshold"], evaluation_sampler(gamma, 4, 10), 20
+    )
     assert again["by_instance"] == record["validation"]["by_instance"]
 
 

@@ -7,8 +7,9 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.config import NTMConfig
-from models.evaluate import REPORTED_INSTANCES
 from models.evaluate import main as eval_main
+from models.ntm import NTM
+from models.scoring import REPORTED_INSTANCES
 from models.train import Trainer, TrainOptions, learning_rate
 
 TINY = NTMConfig(memory_slots=16, memory_width=8, hidden_size=32, conv_channels=(4, 8), feature_size=16)
@@ -153,3 +154,17 @@ def test_set_learning_rate_reaches_float_and_tensor_rates():
         set_learning_rate(optimizer, 0.25)
         assert float(optimizer.param_groups[0]["lr"]) == 0.25
     assert isinstance(tensor_lr.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_the_encoder_can_learn_at_a_fraction_of_the_learning_rate():
+    from models.train import make_optimizer, set_learning_rate
+
+    model = NTM(
+        NTMConfig(encoder="conv4", conv_channels=(8, 8, 8, 8), addressing="keyed", memory_width=13, hidden_size=16)
+    )
+    optimizer = make_optimizer(model, 1e-3, encoder_lr_scale=0.2)
+    set_learning_rate(optimizer, 5e-4)
+    rest, encoder = optimizer.param_groups
+    assert rest["lr"] == 5e-4 and encoder["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert len(rest["params"]) + len(encoder["params"]) == len(list(model.parameters()))
