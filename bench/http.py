@@ -9,7 +9,9 @@ to one core and drives it from a load generator pinned to the other core:
 - steps/s through the batch form ({"steps": [...]}, 10 steps a request, 64 sessions), with the
   CPU time a step costs in it on the event loop's thread and on the others (the model thread):
   on the one core both share, steps/s is about 1e6 / their sum; a worker whose model thread had
-  a core of its own would be bound by the event loop's figure alone.
+  a core of its own would be bound by the event loop's figure alone;
+- read-only predictions against one taught session: images/s with 64 concurrent clients sending
+  one image each, and sending 64-image requests, next to the step route's steps/s of the same run.
 
 With a redis:// store it also reports the bytes one session takes in Redis (MEMORY USAGE)
 and Redis' memory for ``--idle-sessions`` idle sessions written through the store.
@@ -35,7 +37,12 @@ from bench.common import cpu_split, markdown_table, pin_process, thread_stats, w
 from bench.loadgen import generate_load, http_request
 from tests.servers import ServerProcess
 
-TARGETS = {"single_client_p50_ms": 2.0, "sessions_vs_healthz": 0.40, "batch_steps_per_s": 10_000}
+TARGETS = {
+    "single_client_p50_ms": 2.0,
+    "sessions_vs_healthz": 0.40,
+    "batch_steps_per_s": 10_000,
+    "predict_64_vs_steps": 3.0,
+}
 
 
 def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
@@ -79,6 +86,17 @@ def step_requests(sessions: list[str], image: str) -> tuple[list[list[bytes]], l
     return single, batch
 
 
+PREDICT_IMAGES = 64
+
+
+def predict_requests(session: str, image: str) -> tuple[bytes, bytes]:
+    """A one-image and a 64-image read-only predict request against ``session``."""
+    images = [step_payload(100 + i, None, image)["image"] for i in range(PREDICT_IMAGES)]
+    path = f"/v1/sessions/{session}/predict"
+    one = json.dumps({"images": images[:1]}).encode()
+    return http_request("POST", path, one), http_request("POST", path, json.dumps({"images": images}).encode())
+
+
 def open_sessions(url: str, count: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=30) as client:
         return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
@@ -106,7 +124,13 @@ def measure_store(
         before = thread_stats(server.process.pid)
         batch = generate_load(host, port, concurrency, lambda c, n: batch_reqs[c], seconds, cpus[1])
         loop_cpu, other_cpu = cpu_split(server.process.pid, before, thread_stats(server.process.pid))
-        errors = latency.errors + healthz.errors + steps.errors + batch.errors
+
+        one_image, many_images = predict_requests(sessions[0], image)  # a session the step phases taught
+        predict_one = generate_load(host, port, concurrency, lambda c, n: one_image, seconds, cpus[1])
+        predict_many = generate_load(host, port, concurrency, lambda c, n: many_images, seconds, cpus[1])
+        errors = (
+            latency.errors + healthz.errors + steps.errors + batch.errors + predict_one.errors + predict_many.errors
+        )
     finally:
         server.stop()
     return {
@@ -124,6 +148,10 @@ def measure_store(
         # others' (the model thread, mostly): 1e6 / the loop's figure bounds one worker with a core to spare
         "batch_event_loop_us_per_step": 1e6 * loop_cpu / max(1, 10 * batch.requests),
         "batch_model_threads_us_per_step": 1e6 * other_cpu / max(1, 10 * batch.requests),
+        "predict_images_per_s": predict_one.rate,
+        "predict_64_images_per_s": PREDICT_IMAGES * predict_many.rate,
+        "predict_vs_steps": predict_one.rate / steps.rate,
+        "predict_64_vs_steps": PREDICT_IMAGES * predict_many.rate / steps.rate,
         "errors": errors,
     }
 
@@ -203,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['sessions_vs_healthz']:.0f}%",
             f"{r['batch_steps_per_s']:,.0f}",
             f"{r['batch_event_loop_us_per_step']:.0f} / {r['batch_model_threads_us_per_step']:.0f}",
+            f"{r['predict_images_per_s']:,.0f} ({r['predict_vs_steps']:.1f}x)",
+            f"{r['predict_64_images_per_s']:,.0f} ({r['predict_64_vs_steps']:.1f}x)",
             str(r["errors"]),
         ]
         for r in results
@@ -217,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             f">= {100 * TARGETS['sessions_vs_healthz']:.0f}%",
             f">= {TARGETS['batch_steps_per_s']:,}",
             "",
+            "",
+            f">= {TARGETS['predict_64_vs_steps']:.0f}x steps/s",
             "0",
         ]
     )
@@ -231,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps vs /healthz",
                 "batch-form steps/s",
                 "batch CPU us/step: event loop / model",
+                f"predict images/s, 1 a request ({args.concurrency} clients; x steps/s)",
+                f"predict images/s, {PREDICT_IMAGES} a request (x steps/s)",
                 "errors",
             ],
             rows,

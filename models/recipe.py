@@ -10,7 +10,9 @@ Stages, each an ordinary command of this package whose exact arguments are recor
 3. ``ntm-eval`` on the held-out validation alphabets, with both no-memory baselines beside it.
 
 A stage that finished is skipped when the command runs again, and one that was interrupted
-resumes from its last checkpoint, so the recipe survives a restart. ``--preset smoke`` is
+resumes from its last checkpoint, so the recipe survives a restart. ``recipe.json`` keeps each
+stage's command, the wall time this command spent on it, and the training time the stage's
+own record counts (``train_seconds``, summed over resumes). ``--preset smoke`` is
 the same pipeline at toy sizes, for tests.
 """
 
@@ -94,6 +96,9 @@ def run_recipe(preset: str, data: Path, out: Path, device: str, validation: list
         entry_points[name](argv[1:] + (["--resume"] if resumable else []))
         stage["seconds"] = round(stage["seconds"] + time.monotonic() - started, 1)
         record_path.write_text(json.dumps(record, indent=2) + "\n")
+    for name in ("protonet", "ntm"):  # training time as each stage's own record counts it, across resumes
+        if done_markers[name].exists():
+            record["stages"][name]["train_seconds"] = json.loads(done_markers[name].read_text()).get("train_seconds")
     record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -1,4 +1,5 @@
-"""Session semantics shared by every API: create, step (exactly once), reset, delete.
+"""Session semantics shared by every API: create, step (exactly once), predict (read-only),
+snapshot and restore, reset, delete.
 
 Predict, then learn: a step's probabilities are the model's prediction for its image made
 before its label is seen; the label reaches the model as the next step's label input.
@@ -8,12 +9,17 @@ commits the new record with compare-and-set on the record's version, so racing r
 replicas never both apply a step. A request may name the step index it expects: a retry of
 the session's last request with the same content gets that request's stored result; any
 other mismatch is a 409 with the current step count.
+
+Read-only: a prediction runs each image as the session's next, label-less step in the same
+batcher, and throws the new state away. It takes no lock and commits nothing, so predictions
+run in parallel with each other and never block, reorder or double a step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +33,7 @@ from service.metrics import Metrics
 from service.registry import ModelRegistry, ServedModel
 from service.sessions import labels as slots
 from service.sessions.codec import RecordFormatError
+from service.sessions.snapshot import SnapshotContent, SnapshotError, decode_snapshot, encode_snapshot
 from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
 from service.settings import Settings
 
@@ -53,6 +60,8 @@ class SessionEngine:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.draining = False
         self.inflight = 0
+        key = settings.snapshot_key
+        self.snapshot_key = key.get_secret_value().encode() if key is not None else secrets.token_bytes(32)
 
     # ------------------------------------------------------------------ helpers
 
@@ -119,11 +128,18 @@ class SessionEngine:
     # ------------------------------------------------------------------ operations
 
     async def create(
-        self, model: str | None = None, ttl_seconds: float | None = None, owner: str = "", session_id: str | None = None
+        self,
+        model: str | None = None,
+        ttl_seconds: float | None = None,
+        owner: str = "",
+        session_id: str | None = None,
+        snapshot: bytes | None = None,
     ) -> SessionRecord:
+        """A new session: a fresh episode of ``model``, or what ``snapshot`` holds (its model, a new ID, this owner)."""
         if self.draining:
             raise unavailable("the server is shutting down")
-        served = self.served(model)
+        restored = self._restorable(snapshot, model) if snapshot is not None else None
+        served = self.served(model if restored is None else restored.model)
         ttl = ttl_seconds or self.settings.session_ttl_seconds
         if ttl > self.settings.max_session_ttl_seconds:
             raise APIError(
@@ -138,6 +154,16 @@ class SessionEngine:
             expires_at=time.time() + ttl,
             owner=owner,
         )
+        if restored is not None:
+            record = replace(
+                record,
+                state=restored.state,
+                steps=restored.steps,
+                labels=restored.labels,
+                pending_slot=restored.pending_slot,
+                labeled_steps=restored.labeled_steps,
+                correct_steps=restored.correct_steps,
+            )
         try:
             await self._store_call(
                 # owner "" means no API keys are configured: then only the store's own limit applies
@@ -160,6 +186,61 @@ class SessionEngine:
                 headers={"Retry-After": "30"},
             ) from None
         return record
+
+    def _restorable(self, snapshot: bytes, model: str | None) -> SnapshotContent:
+        """A snapshot's content, checked to be signed here and to fit a model this replica serves as it is."""
+        try:
+            content = decode_snapshot(snapshot, self.snapshot_key, self.settings.max_snapshot_bytes)
+        except SnapshotError as exc:
+            raise APIError(422, "invalid_snapshot", str(exc)) from None
+        if model is not None and model != content.model:
+            raise APIError(422, "invalid_request", f"the snapshot is of model {content.model!r}, not {model!r}")
+        served = self.registry.get(content.model)
+        if (
+            served is None
+            or served.fingerprint != content.fingerprint
+            or content.state.layout != served.initial_state.layout
+        ):
+            raise APIError(
+                409,
+                "state_incompatible",
+                f"the snapshot was made by weights of model {content.model!r} that this replica does not serve",
+            )
+        labels_fit = len(content.labels) <= served.num_ways and -1 <= content.pending_slot < len(content.labels)
+        if not labels_fit or min(content.steps, content.labeled_steps, content.correct_steps) < 0:
+            raise APIError(422, "invalid_snapshot", "the snapshot's label slots or counters are inconsistent")
+        return content
+
+    async def snapshot(self, session_id: str, owner: str = "") -> bytes:
+        """The session as a signed snapshot (``service.sessions.snapshot``); the session is not changed."""
+        record = await self.load(session_id, owner)
+        content = SnapshotContent(
+            model=record.model,
+            fingerprint=record.fingerprint,
+            labels=list(record.labels),
+            pending_slot=record.pending_slot,
+            steps=record.steps,
+            labeled_steps=record.labeled_steps,
+            correct_steps=record.correct_steps,
+            state=record.state,
+        )
+        return encode_snapshot(content, self.snapshot_key)
+
+    async def predict(self, session_id: str, images: list[np.ndarray], owner: str = "") -> dict:
+        """Each image classified as the session's next step without a label; the session is left as it was."""
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        record = await self.load(session_id, owner)
+        served = self.served_for(record)
+        try:
+            outcomes = await asyncio.gather(
+                *(served.batcher.run(record.state, [image], [record.pending_slot]) for image in images)
+            )
+        except BatcherClosed:
+            raise unavailable("the server is shutting down") from None
+        self.metrics.predictions.labels(record.model).inc(len(images))
+        results = [prediction(probabilities[0], record.labels) for probabilities, _ in outcomes]
+        return {"results": results, "steps": record.steps}
 
     async def delete(self, session_id: str, owner: str = "") -> None:
         await self.load(session_id, owner)
@@ -264,18 +345,18 @@ class SessionEngine:
         labeled, correct = record.labeled_steps, record.correct_steps
         results = []
         for offset, (probs, (before, after, slot)) in enumerate(zip(probabilities, plan, strict=True)):
-            top = max(range(len(probs)), key=probs.__getitem__)
+            answer = prediction(probs, before)
             if slot is not None:
                 labeled += 1
-                correct += int(top == slot)
+                correct += int(answer["predicted_slot"] == slot)
             results.append(
                 {
                     "step": record.steps + offset,
                     "probabilities": probs,
                     "labels": [*after, *[None] * (served.num_ways - len(after))],
-                    "prediction": before[top] if top < len(before) else None,
-                    "predicted_slot": top,
-                    "novelty": min(1.0, sum(p for s, p in enumerate(probs) if s >= len(before))),
+                    "prediction": answer["prediction"],
+                    "predicted_slot": answer["predicted_slot"],
+                    "novelty": answer["novelty"],
                 }
             )
         new_record = replace(
@@ -306,6 +387,17 @@ class SessionEngine:
             "expires_at": iso_time(record.expires_at),
             "accuracy": record.correct_steps / record.labeled_steps if record.labeled_steps else None,
         }
+
+
+def prediction(probabilities: list[float], labels: list[slots.Label]) -> dict:
+    """What a step answers about its image, given the slot table before it: the top slot, its label, the novelty."""
+    top = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return {
+        "probabilities": probabilities,
+        "prediction": labels[top] if top < len(labels) else None,
+        "predicted_slot": top,
+        "novelty": min(1.0, sum(p for s, p in enumerate(probabilities) if s >= len(labels))),
+    }
 
 
 def iso_time(timestamp: float) -> str:

@@ -37,6 +37,9 @@ class Metrics:
         )
         self.active_sessions = Gauge("ntm_active_sessions", "Live sessions in the store", registry=self.registry)
         self.steps = Counter("ntm_steps", "Session steps applied", ["model"], registry=self.registry)
+        self.predictions = Counter(
+            "ntm_predictions", "Images classified read-only (predict)", ["model"], registry=self.registry
+        )
         self.errors = Counter("ntm_errors", "Error responses by code", ["code"], registry=self.registry)
 
     def batch_observer(self, model: str):

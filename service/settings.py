@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"  # served as "default"
@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(512, ge=1)
     max_steps_per_request: int = Field(256, ge=1)
+    max_predict_images: int = Field(256, ge=1, description="images in one read-only predict request")
+    snapshot_key: SecretStr | None = Field(
+        None,
+        description="the secret that signs session snapshots (HMAC-SHA256); unset: a random key per process, so "
+        "snapshots restore only in the process that made them",
+    )
+    max_snapshot_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="the largest snapshot a restore takes")
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API keys (comma-separated); none: open"

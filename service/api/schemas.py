@@ -113,7 +113,15 @@ class StepsIn(BaseModel):
 class CreateSessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_seconds": 600}]})
 
-    model: str | None = Field(None, description="a name from GET /v1/models; the default model when omitted")
+    model: str | None = Field(
+        None, description="a name from GET /v1/models; the default model when omitted (with snapshot: the snapshot's)"
+    )
+    snapshot: StrictStr | None = Field(
+        None,
+        description="base64 (standard or URL-safe) of a GET /v1/sessions/{id}/snapshot answer: the new session "
+        "starts as that session was, with a new ID and the caller as owner",
+        json_schema_extra={"contentEncoding": "base64"},
+    )
     ttl_seconds: StrictFloat | StrictInt | None = Field(
         None,
         gt=0,
@@ -149,6 +157,30 @@ class StepOut(BaseModel):
 
 class StepsOut(BaseModel):
     results: list[StepOut]
+
+
+class PredictIn(BaseModel):
+    """Images to classify against the session as it is: no label, no change to the session."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        val_json_bytes="base64",
+        json_schema_extra={"examples": [{"images": [{"pixels": EXAMPLE_PIXELS}, EXAMPLE_GRAY8]}]},
+    )
+
+    images: list[ImageIn] = Field(min_length=1, description="1 to NTM_MAX_PREDICT_IMAGES (256) images, any form")
+
+
+class PredictionOut(BaseModel):
+    probabilities: list[float] = Field(description="one per slot, in slot order")
+    prediction: Label | None = Field(description="the label of the most probable slot (null: a free slot)")
+    predicted_slot: int
+    novelty: float = Field(description="probability mass on slots with no label yet")
+
+
+class PredictOut(BaseModel):
+    results: list[PredictionOut] = Field(description="one per image, in order")
+    steps: int = Field(description="the session's step count, which a prediction leaves unchanged")
 
 
 class ModelOut(BaseModel):

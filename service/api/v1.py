@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from typing import Annotated
 
@@ -18,6 +20,8 @@ from service.api.schemas import (
     ErrorOut,
     ImageIn,
     ModelsOut,
+    PredictIn,
+    PredictOut,
     SessionInfoOut,
     SessionOut,
     StepIn,
@@ -73,7 +77,8 @@ async def create_session(
     engine: Engine, owner: Owner, body: Annotated[CreateSessionIn | None, Body()] = None
 ) -> JSONResponse:
     body = body or CreateSessionIn()
-    record = await engine.create(body.model, body.ttl_seconds, owner)
+    snapshot = None if body.snapshot is None else decode_snapshot_field(body.snapshot)
+    record = await engine.create(body.model, body.ttl_seconds, owner, snapshot=snapshot)
     served = engine.served(record.model)
     return JSONResponse(
         {
@@ -84,6 +89,15 @@ async def create_session(
         },
         status_code=201,
     )
+
+
+def decode_snapshot_field(text: str) -> bytes:
+    """The snapshot's bytes from base64 in either alphabet, padding optional; 422 when it is not base64."""
+    normalized = text.translate(str.maketrans("-_", "+/"))
+    try:
+        return base64.b64decode(normalized + "=" * (-len(normalized) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(422, "invalid_snapshot", "snapshot: not base64") from None
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfoOut, summary="A session's progress")
@@ -144,12 +158,7 @@ def parse_step_request(raw_body: bytes) -> StepIn | StepsIn:
         failed[not guess] = exc
     batch_errors = failed[True].errors(include_url=False, include_input=False)
     is_batch = not any(e["loc"] == () or (e["loc"] == ("steps",) and e["type"] == "missing") for e in batch_errors)
-    errors = batch_errors if is_batch else failed[False].errors(include_url=False, include_input=False)
-    for error in errors:
-        message = image_error_message(error)
-        if message is not None:
-            raise invalid_image(message) from None
-    raise RequestValidationError(errors) from None
+    raise_body_error(failed[is_batch])
 
 
 async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes) -> dict:
@@ -167,9 +176,7 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
         raise APIError(
             422, "too_many_steps", f"{len(items)} steps in one request; at most {engine.settings.max_steps_per_request}"
         )
-    image_size = engine.registry.image_size
-    if image_size is None:
-        image_size = engine.served_for(await engine.load(session_id, owner)).model.config.image_size
+    image_size = await session_image_size(engine, session_id, owner)
     digest = hashlib.sha256()
     max_side = engine.settings.max_image_side
     inputs = []
@@ -182,6 +189,75 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
         inputs.append(StepInput(fit_size(gray, image_size), item.label, item.step))
     results = await engine.step(session_id, inputs, digest.hexdigest(), owner)
     return {"results": results} if batch else results[0]
+
+
+async def session_image_size(engine: SessionEngine, session_id: str, owner: str) -> int:
+    """The input side of the session's model: known without reading the session when every served model agrees."""
+    image_size = engine.registry.image_size
+    if image_size is None:
+        image_size = engine.served_for(await engine.load(session_id, owner)).model.config.image_size
+    return image_size
+
+
+def raise_body_error(exc: ValidationError) -> None:
+    """A validation error as the API's answer: an image error (422 invalid_image) by name, else 422 invalid_request."""
+    errors = exc.errors(include_url=False, include_input=False)
+    for error in errors:
+        message = image_error_message(error)
+        if message is not None:
+            raise invalid_image(message) from None
+    raise RequestValidationError(errors) from None
+
+
+PREDICT_FORM = TypeAdapter(PredictIn)
+
+
+@router.post(
+    "/sessions/{session_id}/predict",
+    response_model=PredictOut,
+    summary="Classify images against the session as it is (read-only)",
+    description="Each image is answered as the session's next step without a label would be; the session does not "
+    "change (no step, no commit, its expiry is not moved), so predictions run in parallel with each other and with steps.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictIn"}}},
+        }
+    },
+)
+async def predict(session_id: SessionId, request: Request, engine: Engine, owner: Owner) -> JSONResponse:
+    try:
+        body = PREDICT_FORM.validate_json(await request.body())
+    except ValidationError as exc:
+        raise_body_error(exc)
+    limit = engine.settings.max_predict_images
+    if len(body.images) > limit:
+        raise APIError(422, "too_many_images", f"{len(body.images)} images in one request; at most {limit}")
+    image_size = await session_image_size(engine, session_id, owner)
+    max_side = engine.settings.max_image_side
+    grays = [
+        fit_size(
+            await decode_png_async(image.png, max_side) if image.png is not None else inline_gray(image, max_side),
+            image_size,
+        )
+        for image in body.images
+    ]
+    return JSONResponse(await engine.predict(session_id, grays, owner))
+
+
+@router.get(
+    "/sessions/{session_id}/snapshot",
+    summary="The session as a signed snapshot, to restore later with POST /v1/sessions {snapshot}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "the snapshot's bytes"}},
+)
+async def get_snapshot(session_id: SessionId, engine: Engine, owner: Owner) -> Response:
+    data = await engine.snapshot(session_id, owner)
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{session_id}.ntmsnap"'},
+    )
 
 
 GIL_FREE_HASH_BYTES = 2047  # hashlib releases the GIL for 2 KiB or more (see service.images on why that costs here)

@@ -243,7 +243,7 @@ async def test_models(client: httpx.AsyncClient, tiny_checkpoint: Path) -> None:
 async def test_shipped_model_is_the_default_without_models_setting() -> None:
     async with app_client(Settings(store="memory://", access_log=False)) as client:
         models = (await client.get("/v1/models")).json()["models"]
-        assert [(m["name"], m["default"]) for m in models] == [("default", True)]
+        assert [(m["name"], m["default"]) for m in models] == [("default", True), ("fast", False)]
         response = await client.post("/v1/sessions")
         assert response.status_code == 201 and response.json()["model"] == "default"
 

@@ -219,7 +219,7 @@ def test_dockerignore_matcher_follows_docker() -> None:
 # ------------------------------------------------------------------------------- package data
 
 
-@pytest.mark.parametrize("shipped_model", ["pretrained", "flatten"])
+@pytest.mark.parametrize("shipped_model", ["pretrained", "fast", "flatten", "protonet_baseline"])
 def test_shipped_models_are_package_data(shipped_model: str) -> None:
     try:
         import tomllib
@@ -456,7 +456,7 @@ def test_builder_stage_replay_serves(dockerfile: Dockerfile) -> None:
             except TimeoutError:
                 pytest.fail(f"ntm-serve was not ready in 120 s:\n{log.read_text()[-3000:]}")
             assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
-            assert httpx.get(f"{url}/readyz", timeout=5).json()["models"] == ["default"]
+            assert httpx.get(f"{url}/readyz", timeout=5).json()["models"] == ["default", "fast"]
 
             # One real step on the shipped model.
             with httpx.Client(base_url=url, timeout=30) as client:

@@ -63,7 +63,7 @@ def test_malformed_files_are_refused(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("directory", ["pretrained", "flatten"])
+@pytest.mark.parametrize("directory", ["pretrained", "fast", "flatten"])
 def test_shipped_models_load_and_record_their_evaluation(directory):
     """Each shipped model loads, and its record names held-out alphabets and the table ntm-eval printed."""
     path = Path(models.__file__).parent / directory
