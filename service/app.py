@@ -158,15 +158,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _openapi_with_step_schemas(app: FastAPI) -> dict:
-    """FastAPI's schema plus the step bodies, which the hot route validates itself (see api/v1.py)."""
+    """FastAPI's schema plus the step and predict bodies, which their routes validate themselves from the raw JSON."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        from service.api.schemas import StepIn, StepsIn
+        from service.api.schemas import PredictIn, StepIn, StepsIn
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (StepIn, StepsIn):
+        for model in (StepIn, StepsIn, PredictIn):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

@@ -38,7 +38,10 @@ async def app_on(store: str, tiny_checkpoint: Path, request: pytest.FixtureReque
     """An in-process app on the memory store, or on a real Redis under this test's own key prefix."""
     overrides = {}
     if store == "redis":
-        overrides = {"store": request.getfixturevalue("redis_url"), "redis_prefix": request.getfixturevalue("redis_prefix")}
+        overrides = {
+            "store": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+        }
     async with running_app(api_settings(tiny_checkpoint, **overrides)) as running:
         yield running
 
@@ -117,4 +120,7 @@ async def test_bad_predictions_are_refused_before_the_model(tiny_checkpoint):
         assert_error(await client.post(url, json={"images": [image]}, headers={"Authorization": "Bearer k2"}), 404)
         assert_error(await client.post("/v1/sessions/nope/predict", json={"images": [image]}, headers=own), 404)
         response = await client.post(url, json={"images": [image] * 3}, headers=own)
-        assert response.status_code == 200 and (await client.get(f"/v1/sessions/{session}", headers=own)).json()["steps"] == 0
+        assert (
+            response.status_code == 200
+            and (await client.get(f"/v1/sessions/{session}", headers=own)).json()["steps"] == 0
+        )

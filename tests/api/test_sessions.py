@@ -381,6 +381,13 @@ async def test_openapi_examples_work_when_pasted(client: httpx.AsyncClient) -> N
         assert [r["step"] for r in results] == list(range(steps_so_far, steps_so_far + len(results)))
         steps_so_far += len(results)
 
+    predict_examples = schemas["PredictIn"]["examples"]
+    assert predict_examples
+    for body in predict_examples:
+        response = await client.post(f"/v1/sessions/{session_id}/predict", json=body)
+        assert response.status_code == 200, (body, response.text)
+        assert len(response.json()["results"]) == len(body["images"]) and response.json()["steps"] == steps_so_far
+
     for path, methods in spec["paths"].items():  # every documented error answer uses the one error shape
         for method, operation in methods.items():
             for status, answer in operation.get("responses", {}).items():

@@ -12,7 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.sessions.snapshot import MAGIC, SnapshotContent, SnapshotError, decode_snapshot, encode_snapshot
-from tests.api.support import TOLERANCE, api_settings, app_client, assert_error, new_session, random_pixels, session_info, step_body
+from tests.api.support import (
+    TOLERANCE,
+    api_settings,
+    app_client,
+    assert_error,
+    new_session,
+    random_pixels,
+    session_info,
+    step_body,
+)
 from tests.conftest import write_tiny_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -116,7 +125,9 @@ def test_a_snapshot_round_trips_under_its_key():
 def test_any_changed_byte_is_refused_before_anything_is_parsed(data):
     """Random flips anywhere (header, state, signature) never decode: the model cannot be handed a forged state."""
     original = bytearray(a_snapshot())
-    flips = data.draw(st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(1, 255)), min_size=1, max_size=4))
+    flips = data.draw(
+        st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(1, 255)), min_size=1, max_size=4)
+    )
     for index, mask in flips:
         original[index] ^= mask
     if bytes(original) == a_snapshot():

@@ -65,3 +65,30 @@ def test_readme_curl_episode(shipped):
     assert answer["step"] == 2 and answer["labels"] == ["plus", "cross", None, None, None]
     assert answer["prediction"] == "plus" and answer["predicted_slot"] == 0
     assert json.loads(info)["steps"] == 3 and json.loads(reset)["steps"] == 0
+
+
+def test_enroll_then_classify_example(shipped):
+    out = run_example("enroll.py", shipped.url)
+    answers = re.findall(r"drew '(.)': model says '?([^' ]+)'?", out)
+    assert len(answers) == 6, out
+    assert sum(drawn == said for drawn, said in answers) >= 4, out
+    assert "steps after the predictions: 6" in out, out
+    first = answers[0][1]
+    assert re.search(rf"restored session \S+ says '?{re.escape(first)}'?\n", out), out
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's curl commands need curl")
+def test_readme_enroll_then_classify_curl(shipped, tmp_path):
+    """The README's enroll-then-classify commands, as written: teach, predict read-only, snapshot, restore."""
+    script = readme_block("### Enroll, then classify", "bash").replace(
+        "localhost:8000", shipped.url.removeprefix("http://")
+    )
+    script = "set -e\n" + script.replace("\ncurl ", "\necho; curl ")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    taught, predicted, restored = [json.loads(line) for line in result.stdout.splitlines() if line]
+    assert [r["step"] for r in taught["results"]] == [0, 1]
+    assert predicted["steps"] == 2 and len(predicted["results"]) == 2
+    assert all(r["prediction"] in ("plus", "cross", None) for r in predicted["results"])
+    assert restored["model"] == "default" and len(restored["session_id"]) >= 22
+    assert (tmp_path / "taught.ntmsnap").read_bytes()[:4] == b"NTMX"
