@@ -139,17 +139,25 @@ def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, d
 
 
 def keyed_weighting(
-    keys: torch.Tensor, present: torch.Tensor, query: torch.Tensor, beta: torch.Tensor, null_score: torch.Tensor
+    keys: torch.Tensor,
+    present: torch.Tensor,
+    query: torch.Tensor,
+    beta: torch.Tensor,
+    null_score: torch.Tensor,
+    row_offset: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A soft nearest-neighbour read: softmax over the stored rows' -beta ||q - k_i||^2 and a "none" score.
+    """A soft nearest-neighbour read: softmax over the stored rows' -beta ||q - k_i||^2 - o_i and a "none" score.
 
     keys [B, N, D], present [B, N] bool (rows holding a labeled drawing), query [B, D],
-    beta [B, 1] (> 0), null_score [B, 1] -> (w [B, N], w_null [B]). Rows not present get no
-    weight; the "none" entry takes the mass that no stored drawing explains, so a query far
-    from every row reads mostly nothing. With one row per class and beta = 1 the class masses
-    are the prototypical network's softmax (Snell et al. 2017, eq. 2) with a novelty option.
+    beta [B, 1] (> 0), null_score [B, 1], row_offset [B, N] -> (w [B, N], w_null [B]). Rows
+    not present get no weight; the "none" entry takes the mass that no stored drawing
+    explains, so a query far from every row reads mostly nothing. With o_i = log n_c(i) (n_c:
+    the drawings stored for row i's class) a class's mass is the mean of its rows' kernels, a
+    Parzen estimate of its density, so a class does not pull harder for having been shown
+    more often. With one row per class and beta = 1 the class masses are the prototypical
+    network's softmax (Snell et al. 2017, eq. 2) with a novelty option.
     """
     distances = (keys - query.unsqueeze(1)).square().sum(-1)
-    scores = (-beta * distances).masked_fill(~present, float("-inf"))
+    scores = (-beta * distances - row_offset).masked_fill(~present, float("-inf"))
     weights = torch.softmax(torch.cat([scores, null_score], dim=-1), dim=-1)
     return weights[:, :-1], weights[:, -1]

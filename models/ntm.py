@@ -25,10 +25,12 @@ features, the label its one-hot slot. At step t, with the label of x_{t-1} now k
 a. complete the row x_{t-1} was written to (the previous write weighting w_w) with that
    label; after a step without a label, erase that row instead (M <- M (1 - w_w e^T) + w_w a^T
    with e = 1 - labeled, a = [0, onehot(y_{t-1})]), so only labeled drawings are recalled
-3. from h_t: strength beta_t = softplus and a "none" score nu_t
+3. from h_t: strength beta_t = softplus, a "none" score nu_t and alpha_t = sigmoid
 4. read by a soft nearest neighbour (``addressing.keyed_weighting``): w_r = softmax over the
-   labeled rows of -beta_t ||q_t - k_i||^2, and nu_t; r_t = w_r^T M. The label columns of
-   r_t are the mass on each slot, and w_none the mass nothing stored explains
+   labeled rows of -beta_t ||q_t - k_i||^2 - alpha_t log n_c(i) (n_c(i): the drawings stored
+   of row i's class; alpha = 1 makes a class's mass the mean of its kernels), and nu_t;
+   r_t = w_r^T M. The label columns of r_t are the mass on each slot, and w_none the mass
+   nothing stored explains
 5. write q_t into the least-used slot (LRUA: zero it, then add [q_t, 0]); update the usage
 6. p = class masses + w_none on the next free slot; logits = log p + Linear([h_t, r_t])
 
@@ -61,6 +63,7 @@ NUM_HEADS = 2  # head 0 reads, head 1 writes
 KEYED_ROWS = 3  # keyed addressing state: the read weighting, the write weighting, the usage
 PROBABILITY_EPS = 1e-6  # keyed read-out: log(p + eps), so a slot with no mass stays finite
 SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(SOFTPLUS_ONE) = 1
+MEAN_LOGIT = 3.0  # sigmoid(3) = 0.95: a class's mass starts as (nearly) the mean of its rows' kernels
 
 
 class NTM(nn.Module):
@@ -81,7 +84,7 @@ class NTM(nn.Module):
             # The key of a row is a projection of the features (identity at the start when the
             # widths agree); the head gives beta and the "none" score.
             self.key_proj = nn.Linear(feature_size, config.key_size)
-            self.head_proj = nn.Linear(hidden, 2)
+            self.head_proj = nn.Linear(hidden, 3)
         elif config.use_memory:
             if config.addressing == "ntm":
                 # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
@@ -112,8 +115,8 @@ class NTM(nn.Module):
                 else:
                     nn.init.xavier_uniform_(self.key_proj.weight)
                 nn.init.zeros_(self.key_proj.bias)
-                nn.init.zeros_(self.head_proj.weight)  # beta = 1, "none" score 0 until trained
-                self.head_proj.bias.copy_(torch.tensor([SOFTPLUS_ONE, 0.0]))
+                nn.init.zeros_(self.head_proj.weight)  # beta = 1, "none" score 0, class means (alpha ~ 1)
+                self.head_proj.bias.copy_(torch.tensor([SOFTPLUS_ONE, 0.0, MEAN_LOGIT]))
             nn.init.zeros_(self.output.weight)  # the read-out starts as the memory's own log p
             nn.init.zeros_(self.output.bias)
             return
@@ -274,12 +277,15 @@ class NTM(nn.Module):
         memory = addressing.write(state.memory, write_prev, unlabeled.expand(-1, cfg.memory_width), completion)
         usage = usage * (1 - unlabeled * write_prev)  # an erased row is free again
         keys, labels = memory.split([cfg.key_size, cfg.num_ways], dim=-1)
-        beta, none_score = self.head_proj(h).split(1, dim=-1)
+        beta, none_score, mean = self.head_proj(h).split(1, dim=-1)
+        counts = labels.sum(1)  # [B, K] drawings stored per slot
+        class_size = torch.bmm(labels, counts.unsqueeze(-1)).squeeze(-1)  # [B, N] of each row's class (0: no label)
+        offset = torch.sigmoid(mean) * torch.log(class_size.clamp_min(1))
         read_weight, none_weight = addressing.keyed_weighting(
-            keys, labels.sum(-1) > 0.5, query, F.softplus(beta), none_score
+            keys, class_size > 0.5, query, F.softplus(beta), none_score, offset
         )
         read = addressing.read(memory, read_weight)
-        free_slot = (labels.sum(1) > 0.5).sum(-1)  # slots are taken in order: the count is the next free one
+        free_slot = (counts > 0.5).sum(-1)  # slots are taken in order: the count is the next free one
         table = torch.eye(cfg.num_ways + 1, cfg.num_ways, dtype=read.dtype, device=read.device)
         probabilities = read[:, cfg.key_size :] + none_weight.unsqueeze(-1) * table[free_slot]
         least = addressing.least_used(usage, 1)

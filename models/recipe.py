@@ -36,8 +36,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "protonet": ["--ways", "60", "--iterations", "4800", "--halve-every", "1600"],
         "ntm": [
             "--encoder", "conv4", "--addressing", "keyed", "--memory-width", "69", "--hidden-size", "128",
-            "--batch-size", "16", "--lr", "1e-3", "--encoder-lr-scale", "0.2", "--warmup", "100", "--iterations", "1000000",
-            "--max-minutes", "60", "--val-every", "500", "--val-episodes", "500",
+            "--batch-size", "16", "--lr", "1e-3", "--encoder-lr-scale", "0", "--warmup", "100", "--iterations", "1000000",
+            "--max-minutes", "40", "--val-every", "500", "--val-episodes", "500",
         ],
         "eval": ["--episodes", "1000"],
     },

@@ -86,12 +86,15 @@ def make_optimizer(
     the step can live in a CUDA graph (``CUDAGraphStep``) and the schedule still reach it.
     ``encoder_lr_scale`` gives the encoder's parameters a learning rate of their own (a
     pretrained encoder fine-tunes more slowly than the fresh memory side learns); each group
-    keeps its ``lr_scale`` and ``set_learning_rate`` applies it.
+    keeps its ``lr_scale`` and ``set_learning_rate`` applies it. A scale of 0 freezes the encoder:
+    its parameters stop needing gradients and no group holds them.
     """
     encoder = getattr(model, "encoder", None)
     encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None and encoder_lr_scale != 1.0 else set()
+    if encoder is not None and encoder_lr_scale == 0:
+        encoder.requires_grad_(False)
     groups = [{"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr_scale": 1.0}]
-    if encoder_ids:
+    if encoder_ids and encoder_lr_scale > 0:
         groups.append({"params": [p for p in model.parameters() if id(p) in encoder_ids], "lr_scale": encoder_lr_scale})
     if capturable:
         device = next(model.parameters()).device
@@ -136,6 +139,8 @@ def _update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimiser step; (loss, accuracy) as device tensors."""
     model.train()
+    if not any(p.requires_grad for p in model.encoder.parameters()):
+        model.encoder.eval()  # a frozen encoder keeps the BatchNorm statistics it was trained with
     logits = (model if forward is None else forward)(images, label_inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
@@ -442,7 +447,10 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--encoder-lr-scale", type=float, default=1.0, help="the encoder's learning rate as a fraction of --lr"
+        "--encoder-lr-scale",
+        type=float,
+        default=1.0,
+        help="the encoder's learning rate as a fraction of --lr (0: frozen, its BatchNorm statistics kept)",
     )
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--clip-norm", type=float, default=10.0)

@@ -79,3 +79,18 @@ def test_more_labeled_steps_than_slots_reuse_the_least_used_ones():
             assert torch.isfinite(logits).all()
     labels = state.memory[:, :, 8:]
     assert (labels.sum(-1) <= 1).all() and labels.sum() <= 2 * 4
+
+
+def test_a_class_mass_is_the_mean_of_its_kernels_with_the_count_offset():
+    from models.addressing import keyed_weighting
+
+    keys = torch.tensor([[[0.0], [0.0], [3.0], [9.0]]])  # rows 0 and 1: class A (twice), row 2: class B, row 3: empty
+    present = torch.tensor([[True, True, True, False]])
+    counts = torch.tensor([[2.0, 2.0, 1.0, 0.0]])
+    query, beta, none = torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([[-30.0]])
+    summed, _ = keyed_weighting(keys, present, query, beta, none, torch.zeros(1, 4))
+    mean, _ = keyed_weighting(keys, present, query, beta, none, torch.log(counts.clamp_min(1)))
+    kernel_a, kernel_b = torch.exp(torch.tensor(-1.0)), torch.exp(torch.tensor(-4.0))
+    assert torch.allclose(summed[0, :2].sum() / summed[0, 2], 2 * kernel_a / kernel_b)
+    assert torch.allclose(mean[0, :2].sum() / mean[0, 2], kernel_a / kernel_b)
+    assert mean[0, 3] == 0 and summed[0, 3] == 0

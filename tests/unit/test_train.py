@@ -168,3 +168,20 @@ def test_the_encoder_can_learn_at_a_fraction_of_the_learning_rate():
     assert rest["lr"] == 5e-4 and encoder["lr"] == pytest.approx(1e-4)
     assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters()}
     assert len(rest["params"]) + len(encoder["params"]) == len(list(model.parameters()))
+
+
+def test_a_zero_encoder_learning_rate_freezes_the_encoder_and_its_statistics(omniglot_zip):
+    from models.data.episodes import EpisodeSampler
+    from models.data.omniglot import load_omniglot
+    from models.train import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = NTM(NTMConfig(encoder="conv4", conv_channels=(8, 8, 8, 8), addressing="keyed", memory_width=13, hidden_size=16))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    optimizer = make_optimizer(model, 1e-2, encoder_lr_scale=0.0)
+    sampler = EpisodeSampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 3, seed=1)
+    rest = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    for _ in range(3):
+        train_step(model, optimizer, sampler.sample(2), clip_norm=10.0)
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in before.items())  # running stats too
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in rest.items())
