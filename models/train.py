@@ -53,7 +53,10 @@ class TrainOptions:
     warmup: int = 200
     clip_norm: float = 10.0
     unlabeled_prob: float = 0.1
+    max_shift: float = 2.0
+    max_rotation_deg: float = 10.0
     validation_alphabets: tuple[str, ...] = VALIDATION_ALPHABETS
+    calibration_alphabets: tuple[str, ...] = ()
     val_every: int = 500
     val_episodes: int = 500
     checkpoint_minutes: float = 3.0
@@ -206,6 +209,39 @@ def init_from_protonet(model: NTM, protonet: ProtoNet) -> None:
         model.head_proj.bias[1] = -float(protonet.novelty_threshold)
 
 
+CALIBRATION_SEED = 2468
+NOVELTY_OFFSETS = tuple(x / 4 for x in range(-16, 17))  # -4 .. 4 in steps of 0.25
+
+
+@torch.inference_mode()
+def calibrate_novelty(model: NTM, sampler: EpisodeSampler, episodes: int) -> dict:
+    """Shift the keyed memory's "none" score by the offset that maximises online accuracy on ``sampler``.
+
+    The novelty decision is the one part of the model whose best setting moves between the
+    alphabets it was meta-trained on and unseen ones: trained to its loss, it says "new" too
+    rarely on unseen alphabets. So, as a protonet's threshold is fit on alphabets its rule was
+    not fit on, the offset is fit on alphabets this stage did not train on (calibration
+    alphabets), by trying every offset in ``NOVELTY_OFFSETS``. The encoder and the input
+    projection run once; only the recurrence is repeated per offset.
+    """
+    model.eval()
+    batch = sampler.sample(episodes)
+    pre = model.precompute_inputs(batch.images, batch.label_inputs)
+    bias = model.head_proj.bias
+    start = bias[1].item()
+    accuracy = {}
+    for offset in NOVELTY_OFFSETS:
+        bias[1] = start + offset
+        state, logits = model.initial_state(batch.images.shape[1]), []
+        for pre_t in pre.unbind(0):
+            out, state = model.recurrent_step(pre_t, state)
+            logits.append(out)
+        accuracy[offset] = (torch.stack(logits).argmax(-1) == batch.targets).float().mean().item()
+    best = max(NOVELTY_OFFSETS, key=lambda o: (accuracy[o], -abs(o)))  # ties: the smallest change
+    bias[1] = start + best
+    return {"offset": best, "accuracy": accuracy[best], "accuracy_without": accuracy[0.0], "episodes": episodes}
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Learning curves (training loss and accuracy, validation accuracy by instance) as PNG."""
     import matplotlib
@@ -254,9 +290,20 @@ class Trainer:
         self.config = config
         omniglot = load_omniglot(options.data, config.image_size)
         train_set, val_set = omniglot.split(options.validation_alphabets)
+        self.calibration_data = None
+        if options.calibration_alphabets:  # held out from this stage, for fitting the novelty offset after it
+            self.calibration_data = train_set.select(options.calibration_alphabets).as_array()
+            train_set = train_set.select(options.calibration_alphabets, exclude=True)
         ways = config.num_ways
         self.sampler = EpisodeSampler(
-            train_set.as_array(), ways, options.shots, options.unlabeled_prob, seed=options.seed, device=self.device
+            train_set.as_array(),
+            ways,
+            options.shots,
+            options.unlabeled_prob,
+            max_shift=options.max_shift,
+            max_rotation_deg=options.max_rotation_deg,
+            seed=options.seed,
+            device=self.device,
         )
         self.val_data = val_set.as_array()
         self.model = NTM(config).to(self.device)
@@ -357,6 +404,11 @@ class Trainer:
                 self.save()
                 last_save = time.monotonic()
         bar.close()
+        calibration = None
+        if self.calibration_data is not None and self.config.addressing == "keyed":
+            sampler = evaluation_sampler(self.calibration_data, self.config.num_ways, opts.shots, CALIBRATION_SEED)
+            calibration = calibrate_novelty(self.model, sampler, opts.val_episodes)
+            calibration["alphabets"] = list(opts.calibration_alphabets)
         final = self.validate()
         self._write({"kind": "val", **final})
         self.save()
@@ -366,6 +418,7 @@ class Trainer:
             "episodes": self.episodes,
             "train_seconds": self.elapsed,
             "validation_alphabets": list(opts.validation_alphabets),
+            "calibration": calibration,
             "validation": final,
         }
         (opts.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -456,10 +509,22 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     parser.add_argument("--clip-norm", type=float, default=10.0)
     parser.add_argument("--unlabeled-prob", type=float, default=0.1)
     parser.add_argument(
+        "--max-shift", type=float, default=2.0, help="largest random shift of a drawing, in pixels (0: none)"
+    )
+    parser.add_argument(
+        "--max-rotation", type=float, default=10.0, help="largest random rotation of a drawing, in degrees (0: none)"
+    )
+    parser.add_argument(
         "--validation-alphabets",
         nargs="+",
         default=list(VALIDATION_ALPHABETS),
         help="background alphabets held out for validation",
+    )
+    parser.add_argument(
+        "--calibration-alphabets",
+        nargs="*",
+        default=[],
+        help="training alphabets left out of this stage, to fit the keyed memory's novelty offset on after it",
     )
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--val-episodes", type=int, default=500)
@@ -534,7 +599,10 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         warmup=args.warmup,
         clip_norm=args.clip_norm,
         unlabeled_prob=args.unlabeled_prob,
+        max_shift=args.max_shift,
+        max_rotation_deg=args.max_rotation,
         validation_alphabets=tuple(args.validation_alphabets),
+        calibration_alphabets=tuple(args.calibration_alphabets),
         val_every=args.val_every,
         val_episodes=args.val_episodes,
         checkpoint_minutes=args.checkpoint_minutes,

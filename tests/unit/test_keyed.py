@@ -94,3 +94,18 @@ def test_a_class_mass_is_the_mean_of_its_kernels_with_the_count_offset():
     assert torch.allclose(summed[0, :2].sum() / summed[0, 2], 2 * kernel_a / kernel_b)
     assert torch.allclose(mean[0, :2].sum() / mean[0, 2], kernel_a / kernel_b)
     assert mean[0, 3] == 0 and summed[0, 3] == 0
+
+
+def test_the_novelty_offset_fit_is_the_best_on_its_episodes_and_is_applied(omniglot_zip):
+    from models.train import NOVELTY_OFFSETS, calibrate_novelty
+
+    model = keyed()
+    sampler = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=8)
+    before = model.head_proj.bias[1].item()
+    result = calibrate_novelty(model, sampler, 20)
+    assert result["offset"] in NOVELTY_OFFSETS and result["accuracy"] >= result["accuracy_without"]
+    assert model.head_proj.bias[1].item() == before + result["offset"]
+    batch = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=8).sample(20)
+    with torch.no_grad():
+        logits, _ = model.forward_sequence(batch.images, batch.label_inputs)
+    assert (logits.argmax(-1) == batch.targets).float().mean().item() == result["accuracy"]

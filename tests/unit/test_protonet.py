@@ -112,3 +112,15 @@ def test_conv4_folds_its_batchnorms_for_inference_and_keeps_them_out_of_its_stat
     with torch.no_grad():  # a changed weight rebuilds the folded copy
         encoder.blocks[0][0].weight.mul_(2)
         assert not torch.allclose(encoder(images), folded, atol=1e-3)
+
+
+def test_the_shipped_protonet_loads_with_the_threshold_it_records():
+    from pathlib import Path
+
+    import models
+
+    shipped = Path(models.__file__).parent / "protonet_baseline"
+    record = json.loads((shipped / "metrics.json").read_text())
+    net = ProtoNet.load(shipped)
+    assert net.channels == (64, 64, 64, 64) and float(net.novelty_threshold) == record["novelty_threshold"]
+    assert "Bengali" in record["validation_alphabets"] and record["episode"]["ways"] == 60

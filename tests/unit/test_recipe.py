@@ -21,6 +21,8 @@ def test_the_recipe_trains_from_nothing_evaluates_with_both_baselines_and_skips_
         and "--init-from" not in record["stages"]["ntm"]["command"]
     )
     model = load_checkpoint(out / "ntm")
+    calibration = json.loads((out / "ntm" / "metrics.json").read_text())["calibration"]
+    assert calibration["alphabets"] == ["Beta"] and calibration["accuracy"] >= calibration["accuracy_without"]
     assert model.config.addressing == "keyed" and model.config.encoder == "conv4"
     assert ProtoNet.load(out / "protonet").channels == model.config.conv_channels
     evaluation = json.loads((out / "ntm" / "evaluation.json").read_text())

@@ -176,7 +176,9 @@ def test_a_zero_encoder_learning_rate_freezes_the_encoder_and_its_statistics(omn
     from models.train import make_optimizer, train_step
 
     torch.manual_seed(0)
-    model = NTM(NTMConfig(encoder="conv4", conv_channels=(8, 8, 8, 8), addressing="keyed", memory_width=13, hidden_size=16))
+    model = NTM(
+        NTMConfig(encoder="conv4", conv_channels=(8, 8, 8, 8), addressing="keyed", memory_width=13, hidden_size=16)
+    )
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     optimizer = make_optimizer(model, 1e-2, encoder_lr_scale=0.0)
     sampler = EpisodeSampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 3, seed=1)
