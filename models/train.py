@@ -142,8 +142,9 @@ def _update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimiser step; (loss, accuracy) as device tensors."""
     model.train()
-    if not any(p.requires_grad for p in model.encoder.parameters()):
-        model.encoder.eval()  # a frozen encoder keeps the BatchNorm statistics it was trained with
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and not any(p.requires_grad for p in encoder.parameters()):
+        encoder.eval()  # a frozen encoder keeps the BatchNorm statistics it was trained with
     logits = (model if forward is None else forward)(images, label_inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
