@@ -77,7 +77,7 @@ def flops_per_session_step(config: NTMConfig) -> dict[str, int]:
         "read_write": 0,
         "output": 2 * (hidden + config.read_width) * ways + ways,
     }
-    if config.use_memory and config.addressing == "keyed":
+    if config.keyed:
         key = config.key_size
         parts["head_projection"] = 2 * features * key + key + 2 * hidden * 2 + 2 + 2  # key, beta and none, softplus
         # label completion (one write), squared distances to every key, softmax with "none", free slot

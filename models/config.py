@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 Encoder = Literal["flatten", "conv", "conv4"]
 ENCODERS: tuple[str, ...] = ("flatten", "conv", "conv4")
-Addressing = Literal["ntm", "lrua", "keyed"]
-ADDRESSINGS: tuple[str, ...] = ("ntm", "lrua", "keyed")
+Addressing = Literal["ntm", "lrua", "keyed", "prototype"]
+ADDRESSINGS: tuple[str, ...] = ("ntm", "lrua", "keyed", "prototype")
+KEYED_ADDRESSINGS: tuple[str, ...] = ("keyed", "prototype")  # rows of (feature key, label)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ class NTMConfig:
             (LRUA whose rows are (key of a drawing's features, its label): each step completes
             the previous drawing's row with its label, reads by a soft nearest neighbour over
             the stored keys with a learned "none" score, then writes its own key to the
-            least-used slot; ``models.ntm``). With ``keyed`` the first
-            ``memory_width - num_ways`` columns of a row are the key, the rest the label.
+            least-used slot; ``models.ntm``) or ``prototype`` (the same memory, read by class:
+            a soft nearest neighbour over the mean key of each label's rows, the prototypical
+            network's rule, Snell et al. 2017, with the learned "none" score). With both the
+            first ``memory_width - num_ways`` columns of a row are the key, the rest the label.
         read_heads: number of read heads (``lrua`` only; ``ntm`` has exactly one).
         usage_decay: gamma of the usage update w_u <- gamma w_u + w_r + w_w (``lrua`` only).
     """
@@ -71,10 +74,10 @@ class NTMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.addressing not in ADDRESSINGS:
             raise ValueError(f"addressing must be one of {ADDRESSINGS}, got {self.addressing!r}")
-        if self.read_heads < 1 or (self.addressing in ("ntm", "keyed") and self.read_heads != 1):
+        if self.read_heads < 1 or (self.addressing in ("ntm", *KEYED_ADDRESSINGS) and self.read_heads != 1):
             raise ValueError("read_heads must be >= 1, and exactly 1 with ntm or keyed addressing")
-        if self.addressing == "keyed" and self.memory_width <= self.num_ways:
-            raise ValueError("keyed addressing needs memory_width > num_ways (a key, then the label)")
+        if self.addressing in KEYED_ADDRESSINGS and self.memory_width <= self.num_ways:
+            raise ValueError(f"{self.addressing} addressing needs memory_width > num_ways (a key, then the label)")
         if self.addressing == "lrua" and self.read_heads > self.memory_slots:
             raise ValueError("lrua needs read_heads <= memory_slots (one least-used slot per head)")
         if not 0.0 <= self.usage_decay <= 1.0:
@@ -93,8 +96,13 @@ class NTMConfig:
         return 2 * self.shift_range + 1
 
     @property
+    def keyed(self) -> bool:
+        """True when the memory's rows are (feature key, label): ``keyed`` or ``prototype`` addressing."""
+        return self.use_memory and self.addressing in KEYED_ADDRESSINGS
+
+    @property
     def key_size(self) -> int:
-        """Width of a row's key with ``keyed`` addressing: the memory width less the label columns."""
+        """Width of a row's key with ``keyed`` or ``prototype`` addressing: the memory width less the label columns."""
         return self.memory_width - self.num_ways
 
     @property

@@ -34,6 +34,13 @@ a. complete the row x_{t-1} was written to (the previous write weighting w_w) wi
 5. write q_t into the least-used slot (LRUA: zero it, then add [q_t, 0]); update the usage
 6. p = class masses + w_none on the next free slot; logits = log p + Linear([h_t, r_t])
 
+With ``addressing="prototype"`` step 4 reads by class instead of by row: the prototype of
+slot c is the mean key of its rows, P_c = sum_i M_label[i, c] k_i / n_c, and w_c = softmax
+over the filled slots of -beta_t ||q_t - P_c||^2, with nu_t; r_t = [sum_c w_c P_c, w_c].
+With beta = 1 this is the prototypical network's online rule (Snell et al. 2017, eq. 2) at
+every instance, not only at the first: a class shown twice is one mean, not two kernels.
+The row read weighting, which the usage counts, spreads w_c evenly over the class's rows.
+
 So a read is what a prototype classifier computes, and the controller, which sees the label
 inputs and past reads, sets how sharp it is and when a drawing counts as new.
 
@@ -80,11 +87,11 @@ class NTM(nn.Module):
         self.recurrent_proj = nn.Linear(hidden + config.read_width, 4 * hidden, bias=False)
         self.h0 = nn.Parameter(torch.randn(hidden) * 0.05)
         self.c0 = nn.Parameter(torch.randn(hidden) * 0.05)
-        if config.use_memory and config.addressing == "keyed":
+        if config.keyed:
             # The key of a row is a projection of the features (identity at the start when the
             # widths agree); the head gives beta and the "none" score.
             self.key_proj = nn.Linear(feature_size, config.key_size)
-            self.head_proj = nn.Linear(hidden, 3)
+            self.head_proj = nn.Linear(hidden, len(self._keyed_head_bias()))
         elif config.use_memory:
             if config.addressing == "ntm":
                 # Per head: key (W), beta, gate, gamma, shift (2R+1); the write head adds e and a.
@@ -108,15 +115,15 @@ class NTM(nn.Module):
         nn.init.zeros_(self.input_proj.bias)
         with torch.no_grad():  # forget-gate bias 1 (Jozefowicz et al. 2015)
             self.input_proj.bias[hidden : 2 * hidden] = 1.0
-        if self.config.use_memory and self.config.addressing == "keyed":
+        if self.config.keyed:
             with torch.no_grad():
                 if self.key_proj.in_features == self.key_proj.out_features:
                     self.key_proj.weight.copy_(torch.eye(self.config.key_size))
                 else:
                     nn.init.xavier_uniform_(self.key_proj.weight)
                 nn.init.zeros_(self.key_proj.bias)
-                nn.init.zeros_(self.head_proj.weight)  # beta = 1, "none" score 0, class means (alpha ~ 1)
-                self.head_proj.bias.copy_(torch.tensor([SOFTPLUS_ONE, 0.0, MEAN_LOGIT]))
+                nn.init.zeros_(self.head_proj.weight)
+                self.head_proj.bias.copy_(torch.tensor(self._keyed_head_bias()))
             nn.init.zeros_(self.output.weight)  # the read-out starts as the memory's own log p
             nn.init.zeros_(self.output.bias)
             return
@@ -125,6 +132,13 @@ class NTM(nn.Module):
             nn.init.normal_(self.head_proj.bias, std=0.01)
         nn.init.xavier_uniform_(self.output.weight)
         nn.init.normal_(self.output.bias, std=0.01)
+
+    def _keyed_head_bias(self) -> tuple[float, ...]:
+        """The keyed head's outputs at the start: beta = 1, "none" score 0 and, reading by
+        row (``keyed``), alpha ~ 1 so a class's mass is (nearly) the mean of its kernels."""
+        if self.config.addressing == "prototype":
+            return (SOFTPLUS_ONE, 0.0)
+        return (SOFTPLUS_ONE, 0.0, MEAN_LOGIT)
 
     # ----------------------------------------------------------------------------- state
 
@@ -137,7 +151,7 @@ class NTM(nn.Module):
         cfg, dev = self.config, self.device
         h = self.h0.expand(batch_size, -1)
         c = self.c0.expand(batch_size, -1)
-        if cfg.use_memory and cfg.addressing == "keyed":  # nothing stored, nothing read
+        if cfg.keyed:  # nothing stored, nothing read
             memory = torch.zeros(batch_size, cfg.memory_slots, cfg.memory_width, device=dev)
             weights = torch.zeros(batch_size, KEYED_ROWS, cfg.memory_slots, device=dev)
             read = torch.zeros(batch_size, cfg.read_width, device=dev)
@@ -185,7 +199,7 @@ class NTM(nn.Module):
         features = self.encoder(images.reshape(-1, *images.shape[-2:]))
         labels = label_inputs.reshape(-1, label_inputs.shape[-1])
         pre = self.input_proj(torch.cat([features, labels], dim=-1))
-        if self.config.use_memory and self.config.addressing == "keyed":
+        if self.config.keyed:
             pre = torch.cat([pre, self.key_proj(features), labels], dim=-1)
         return pre.reshape(*lead, -1)
 
@@ -199,7 +213,7 @@ class NTM(nn.Module):
         sizes): one ``addmm`` for the recurrent projection, ``split`` instead of slicing.
         """
         cfg = self.config
-        keyed = cfg.use_memory and cfg.addressing == "keyed"
+        keyed = cfg.keyed
         if keyed:
             pre, query, label = pre.split([4 * cfg.hidden_size, cfg.key_size, cfg.num_ways], dim=-1)
         recurrent_in = torch.cat([state.h, state.read], dim=-1) if cfg.use_memory else state.h
@@ -277,14 +291,23 @@ class NTM(nn.Module):
         memory = addressing.write(state.memory, write_prev, unlabeled.expand(-1, cfg.memory_width), completion)
         usage = usage * (1 - unlabeled * write_prev)  # an erased row is free again
         keys, labels = memory.split([cfg.key_size, cfg.num_ways], dim=-1)
-        beta, none_score, mean = self.head_proj(h).split(1, dim=-1)
+        heads = self.head_proj(h).split(1, dim=-1)
+        beta, none_score = F.softplus(heads[0]), heads[1]
         counts = labels.sum(1)  # [B, K] drawings stored per slot
-        class_size = torch.bmm(labels, counts.unsqueeze(-1)).squeeze(-1)  # [B, N] of each row's class (0: no label)
-        offset = torch.sigmoid(mean) * torch.log(class_size.clamp_min(1))
-        read_weight, none_weight = addressing.keyed_weighting(
-            keys, class_size > 0.5, query, F.softplus(beta), none_score, offset
-        )
-        read = addressing.read(memory, read_weight)
+        if cfg.addressing == "prototype":
+            prototypes = torch.bmm(labels.transpose(1, 2), keys) / counts.clamp_min(1).unsqueeze(-1)  # [B, K, D]
+            class_weight, none_weight = addressing.keyed_weighting(
+                prototypes, counts > 0.5, query, beta, none_score, torch.zeros_like(counts)
+            )
+            read = torch.cat([torch.bmm(class_weight.unsqueeze(1), prototypes).squeeze(1), class_weight], dim=-1)
+            read_weight = torch.bmm(labels, (class_weight / counts.clamp_min(1)).unsqueeze(-1)).squeeze(-1)
+        else:
+            class_size = torch.bmm(labels, counts.unsqueeze(-1)).squeeze(-1)  # [B, N] of each row's class (0: none)
+            offset = torch.sigmoid(heads[2]) * torch.log(class_size.clamp_min(1))
+            read_weight, none_weight = addressing.keyed_weighting(
+                keys, class_size > 0.5, query, beta, none_score, offset
+            )
+            read = addressing.read(memory, read_weight)
         free_slot = (counts > 0.5).sum(-1)  # slots are taken in order: the count is the next free one
         table = torch.eye(cfg.num_ways + 1, cfg.num_ways, dtype=read.dtype, device=read.device)
         probabilities = read[:, cfg.key_size :] + none_weight.unsqueeze(-1) * table[free_slot]

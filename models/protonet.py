@@ -256,6 +256,7 @@ class ProtoNetOptions:
     lr: float = 1e-3
     halve_every: int = 2000
     validation_alphabets: tuple[str, ...] = VALIDATION_ALPHABETS
+    held_out_alphabets: tuple[str, ...] = ()
     fit_episodes: int = 1000
     eval_episodes: int = 1000
     checkpoint_minutes: float = 3.0
@@ -268,7 +269,9 @@ def train_protonet(options: ProtoNetOptions) -> dict:
     """Train, fit the novelty threshold on the training alphabets, score the validation ones; the summary."""
     torch.manual_seed(options.seed)
     omniglot = load_omniglot(options.data, 28)
-    train_set, val_set = (part.as_array() for part in omniglot.split(options.validation_alphabets))
+    train_part, val_part = omniglot.split(options.validation_alphabets)
+    train_set = train_part.select(options.held_out_alphabets, exclude=True).as_array()
+    val_set = val_part.as_array()
     net = ProtoNet(options.channels, 28)
     optimizer = torch.optim.Adam(net.parameters(), lr=options.lr)
     sampler = EpisodeSampler(train_set, options.ways, options.support + options.queries, seed=options.seed)
@@ -333,6 +336,7 @@ def train_protonet(options: ProtoNetOptions) -> dict:
         "novelty_threshold": threshold,
         "threshold_fit": f"{options.fit_episodes} {ways}-way {SCORED_SHOTS}-shot episodes of the training alphabets",
         "validation_alphabets": list(options.validation_alphabets),
+        "held_out_alphabets": list(options.held_out_alphabets),
         "validation": validation,
     }
     (options.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -352,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--halve-every", type=int, default=2000, help="halve the learning rate every N iterations")
     parser.add_argument("--validation-alphabets", nargs="*", default=list(VALIDATION_ALPHABETS))
+    parser.add_argument(
+        "--held-out-alphabets",
+        nargs="*",
+        default=[],
+        help="alphabets left out of training and not scored either (kept unseen for a later stage to fit on)",
+    )
     parser.add_argument(
         "--fit-episodes", type=int, default=1000, help="training-alphabet episodes the threshold is fit on"
     )
@@ -376,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             halve_every=args.halve_every,
             validation_alphabets=tuple(args.validation_alphabets),
+            held_out_alphabets=tuple(args.held_out_alphabets),
             fit_episodes=args.fit_episodes,
             eval_episodes=args.eval_episodes,
             resume=args.resume,

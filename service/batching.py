@@ -13,6 +13,11 @@ its request woken, with every step's probabilities and the final state. So a req
 steps costs the event loop one wake-up, not T, and a batch never holds two steps of one
 session.
 
+A prediction (``predict``: images classified against a session's state, which stays as it
+was) is a job too, of one row per image, all from that one state. It runs in the first model
+call it joins, beside the steps and predictions of other sessions, and the new states of its
+rows are dropped: no state is packed or copied back for it, and nothing of it is carried.
+
 A lone client adds no latency: when the previous model call held a single step, the worker
 runs what it has at once. Under concurrent load it waits up to ``max_wait`` for new jobs
 before a batch of fresh jobs, and never while jobs are under way.
@@ -60,6 +65,12 @@ class _Job:
     enqueued: float
     inputs: tuple[torch.Tensor, ...] = ()  # T controller pre-activations [4*hidden], made when the job joins
     probabilities: list[list[float]] = field(default_factory=list)
+    predict: bool = False  # every image is a next step from ``state``: T rows of one call, no state back
+
+    @property
+    def rows(self) -> int:
+        """Batch rows the job takes in its next model call."""
+        return len(self.images) if self.predict else 1
 
     @property
     def done(self) -> bool:
@@ -84,7 +95,7 @@ class MicroBatcher:
     ) -> None:
         self.model = model
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
-        self._observe = observe  # (batch size, longest queue wait, compute seconds)
+        self._observe = observe  # (batch rows, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
         self._closed = False
@@ -104,6 +115,22 @@ class MicroBatcher:
         self._queue.put(_Job(state, images, label_slots, future, loop, time.perf_counter()))
         return await future
 
+    async def predict(self, state: PackedState, images: list[np.ndarray], label_slot: int) -> list[list[float]]:
+        """Each image as the next step from ``state`` with label input ``label_slot``: its probabilities.
+
+        The images are rows of one model call, beside whatever steps and predictions of other
+        sessions run then; their new states are thrown away, so nothing is packed or copied back.
+        """
+        if not images:
+            raise ValueError("a prediction needs at least one image")
+        if self._closed:
+            raise BatcherClosed("the model is shutting down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job = _Job(state, images, [label_slot] * len(images), future, loop, time.perf_counter(), predict=True)
+        self._queue.put(job)
+        return await future
+
     async def step(self, state: PackedState, image: np.ndarray, label_slot: int) -> tuple[list[float], PackedState]:
         """One step of one session: (num_ways probabilities, new state)."""
         probabilities, state = await self.run(state, [image], [label_slot])
@@ -121,7 +148,8 @@ class MicroBatcher:
     def _admit(self, active: list[_Job], wait: bool) -> bool:
         """Move queued jobs into ``active`` (up to ``max_batch``); True once the close sentinel is seen."""
         deadline = time.perf_counter() + (self.max_wait if wait else 0.0)
-        while len(active) < self.max_batch:
+        rows = sum(job.rows for job in active)
+        while rows < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -130,6 +158,7 @@ class MicroBatcher:
             if job is None:
                 return True
             active.append(job)
+            rows += job.rows
         return False
 
     def _run(self) -> None:
@@ -167,7 +196,9 @@ class MicroBatcher:
         The jobs still under way keep their states, in order, as the model's output state
         (``_carry``) between calls: the next call adds only the jobs that joined since, and a
         call that no job joins or leaves copies no state at all. A job's own state is packed
-        into a vector of its own once, when it finishes.
+        into a vector of its own once, when it finishes. A prediction job joins with one row
+        per image, all from its one state, and finishes in the call it joins: its rows' new
+        states are dropped.
         """
         started = time.perf_counter()
         carried = 0 if self._carry is None else self._carry.batch_size
@@ -180,33 +211,43 @@ class MicroBatcher:
                 layout = active[0].state.layout
                 states = self._carry
                 if joined:
-                    incoming = PackedState.stack([job.state for job in joined], device)
-                    if states is not None and incoming.layout != states.layout:
+                    if any(job.state.layout != layout for job in joined):
                         raise ValueError("cannot batch states of different layouts")
+                    rows = [job.state.data.to(device).expand(job.rows, -1) for job in joined]
+                    incoming = NTMState.unpack(torch.cat(rows), layout)
                     states = incoming if states is None else NTMState.stack([states, incoming])
                     self._precompute(joined, device)
-                inputs = torch.stack([job.inputs[len(job.probabilities)] for job in active])
+                inputs = torch.stack(
+                    [
+                        row
+                        for job in active
+                        for row in (job.inputs if job.predict else (job.inputs[len(job.probabilities)],))
+                    ]
+                )
                 logits, new_states = self.model.recurrent_step(inputs, states)
                 probabilities = torch.softmax(logits.float(), dim=-1).tolist()
-            remaining, keep, done = [], [], []
-            for index, (job, probs) in enumerate(zip(active, probabilities, strict=True)):
-                job.probabilities.append(probs)
-                if job.done:
-                    done.append(index)
+            remaining, keep, done, row = [], [], [], 0
+            for job in active:
+                job.probabilities.extend(probabilities[row : row + job.rows])
+                if job.predict:
+                    finished.append((job, job.probabilities))
+                elif job.done:
+                    done.append((job, row))
                 else:
                     remaining.append(job)
-                    keep.append(index)
+                    keep.append(row)
+                row += job.rows
             if done:  # each session keeps a copy of its own in host memory, never a view into the batch
-                rows = new_states.select(done).pack().to("cpu")
-                for index, row in zip(done, rows.unbind(0), strict=True):
-                    job = active[index]
-                    finished.append((job, (job.probabilities, PackedState(row.clone(), layout))))
-            self._carry = None if not keep else new_states if not done else new_states.select(keep)
+                packed = new_states.select([index for _, index in done]).pack().to("cpu")
+                for (job, _), data in zip(done, packed.unbind(0), strict=True):
+                    finished.append((job, (job.probabilities, PackedState(data.clone(), layout))))
+            unchanged = len(keep) == new_states.batch_size
+            self._carry = None if not keep else new_states if unchanged else new_states.select(keep)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining, self._carry = [(job, exc) for job in active], [], None
         if self._observe is not None:
             try:
-                self._observe(len(active), wait, time.perf_counter() - started)
+                self._observe(sum(job.rows for job in active), wait, time.perf_counter() - started)
             except Exception:  # metrics never stop the model
                 log.exception("batch observer failed")
         # One wake-up per event loop for all the jobs finished here, not one per session.

@@ -233,13 +233,11 @@ class SessionEngine:
         record = await self.load(session_id, owner)
         served = self.served_for(record)
         try:
-            outcomes = await asyncio.gather(
-                *(served.batcher.run(record.state, [image], [record.pending_slot]) for image in images)
-            )
+            outcomes = await served.batcher.predict(record.state, images, record.pending_slot)
         except BatcherClosed:
             raise unavailable("the server is shutting down") from None
         self.metrics.predictions.labels(record.model).inc(len(images))
-        results = [prediction(probabilities[0], record.labels) for probabilities, _ in outcomes]
+        results = [prediction(probabilities, record.labels) for probabilities in outcomes]
         return {"results": results, "steps": record.steps}
 
     async def delete(self, session_id: str, owner: str = "") -> None:

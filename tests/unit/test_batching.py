@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import NTM, NTMConfig
+from models import NTM, NTMConfig, PackedState
 from models.data.preprocess import preprocess
 from service.batching import BatcherClosed, MicroBatcher
 
@@ -89,6 +89,37 @@ async def test_step_is_a_job_of_one(model: NTM) -> None:
     expected_probabilities, expected_state = reference(model, images, slots)
     assert torch.allclose(torch.tensor(probabilities), expected_probabilities[0], atol=1e-6)
     assert torch.allclose(state.data, expected_state, atol=1e-6)
+
+
+async def test_predictions_are_rows_of_the_steps_model_calls_and_leave_the_state_alone(model: NTM) -> None:
+    """Two predictions against one taught state run beside another session's steps: each image gets what a
+    label-less step from that state gives, the steps are exact, and the state handed in is unchanged."""
+    taught_images, taught_slots = job(11, 4)
+    _, taught = reference(model, taught_images, taught_slots)
+    taught_state = PackedState(taught.clone(), model.initial_state(1).layout)
+    calls: list[int] = []
+    batcher = MicroBatcher(model, 64, max_wait=0.01, observe=lambda size, wait, seconds: calls.append(size))
+    steps_images, steps_slots = job(12, 6)
+    queries = [job(13, 5)[0], job(14, 3)[0]]
+    try:
+        step_result, *predicted = await asyncio.gather(
+            batcher.run(model.initial_state(1).sessions()[0], steps_images, steps_slots),
+            *(batcher.predict(taught_state, images, 2) for images in queries),
+        )
+    finally:
+        batcher.close()
+    expected, expected_state = reference(model, steps_images, steps_slots)
+    assert torch.allclose(torch.tensor(step_result[0]), expected, atol=1e-6)
+    assert torch.allclose(step_result[1].data, expected_state, atol=1e-6)
+    with torch.inference_mode():
+        for images, rows in zip(queries, predicted, strict=True):
+            for image, row in zip(images, rows, strict=True):
+                pixels = torch.from_numpy(preprocess(image, CONFIG.image_size))[None]
+                logits, _ = model.step(taught_state.unpack(), pixels, model.label_input(torch.tensor([2])))
+                assert torch.allclose(torch.tensor(row), torch.softmax(logits[0], -1), atol=1e-6)
+    assert torch.equal(taught_state.data, taught)
+    assert sum(calls) == 6 + 5 + 3, "each image of a prediction is one row of one call"
+    assert max(calls) >= 1 + 5, "a prediction's rows ran beside the other session's step"
 
 
 async def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on(model: NTM) -> None:

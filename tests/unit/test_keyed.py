@@ -1,5 +1,6 @@
 """The feature-keyed LRUA memory: rows of (key, label), a soft nearest-neighbour read, and its start from a protonet."""
 
+import pytest
 import torch
 
 from models.config import NTMConfig
@@ -7,6 +8,7 @@ from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import load_omniglot
 from models.ntm import NTM
 from models.protonet import ProtoNet, episode_distances, online_predictions
+from models.scoring import by_instance, per_episode_accuracy
 from models.state import NTMState
 from models.train import init_from_protonet
 
@@ -14,13 +16,14 @@ CHANNELS = (8, 8, 8, 8)
 SMALL = dict(encoder="conv4", conv_channels=CHANNELS, addressing="keyed", memory_width=8 + 5, hidden_size=16)
 
 
-def keyed(slots: int = 32, seed: int = 0) -> NTM:
+def keyed(slots: int = 32, seed: int = 0, addressing: str = "keyed") -> NTM:
     torch.manual_seed(seed)
-    return NTM(NTMConfig(**SMALL, memory_slots=slots)).eval()
+    return NTM(NTMConfig(**{**SMALL, "addressing": addressing}, memory_slots=slots)).eval()
 
 
-def test_steps_one_at_a_time_give_the_sequence_forward_with_unlabeled_steps(omniglot_zip):
-    model = keyed()
+@pytest.mark.parametrize("addressing", ["keyed", "prototype"])
+def test_steps_one_at_a_time_give_the_sequence_forward_with_unlabeled_steps(omniglot_zip, addressing):
+    model = keyed(addressing=addressing)
     batch = EpisodeSampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 6, unlabeled_prob=0.3, seed=2).sample(3)
     with torch.no_grad():
         whole, last = model.forward_sequence(batch.images, batch.label_inputs)
@@ -33,26 +36,46 @@ def test_steps_one_at_a_time_give_the_sequence_forward_with_unlabeled_steps(omni
     assert NTMState.from_bytes(state.select([1]).to_bytes()).equal(state.select([1]))
 
 
-def test_started_from_a_protonet_the_memory_reads_as_the_prototype_rule(omniglot_zip):
-    """With at most one stored drawing per class, the first read predicts what the protonet's online rule does."""
+def protonet_episodes(omniglot_zip):
+    """A small protonet, 60 episodes, its online distances and a threshold that makes both answers common."""
     torch.manual_seed(3)
     net = ProtoNet(CHANNELS).eval()
-    images = load_omniglot(omniglot_zip, 28).as_array()
-    batch = evaluation_sampler(images, 5, 4, seed=5).sample(60)
+    batch = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=5).sample(60)
     distances, used = episode_distances(net, batch)
-    threshold = float(distances[torch.isfinite(distances)].median())  # a cut that makes both answers common
+    threshold = float(distances[torch.isfinite(distances)].median())
     net.novelty_threshold.fill_(threshold)
-    model = keyed()
+    return net, batch, used, online_predictions(distances, used, threshold)
+
+
+def predictions_from(net: ProtoNet, batch, addressing: str) -> torch.Tensor:
+    model = keyed(addressing=addressing)
     init_from_protonet(model, net)
     with torch.no_grad():
         logits, _ = model.forward_sequence(batch.images, batch.label_inputs)
-    rule = online_predictions(distances, used, threshold)
+    return logits.argmax(-1)
+
+
+def test_started_from_a_protonet_the_memory_reads_as_the_prototype_rule(omniglot_zip):
+    """With at most one stored drawing per class, the first read predicts what the protonet's online rule does."""
+    net, batch, used, rule = protonet_episodes(omniglot_zip)
+    predicted = predictions_from(net, batch, "keyed")
     members = torch.nn.functional.one_hot(batch.targets, 5)
     one_stored = (members.cumsum(0) - members).amax(-1) <= 1  # no class has two drawings before this step
     assert one_stored.sum() > 150
-    assert torch.equal(logits.argmax(-1)[one_stored], rule[one_stored])
+    assert torch.equal(predicted[one_stored], rule[one_stored])
     new = rule[one_stored] == used[one_stored]
     assert 0.1 < new.float().mean() < 0.9
+
+
+def test_started_from_a_protonet_the_prototype_read_is_the_prototype_rule_at_every_instance(omniglot_zip):
+    """Reading by class mean, the untrained memory answers as the protonet's online rule on every step,
+    classes with several stored drawings included; reading by row does not once a class has two."""
+    net, batch, used, rule = protonet_episodes(omniglot_zip)
+    members = torch.nn.functional.one_hot(batch.targets, 5)
+    several = (members.cumsum(0) - members).amax(-1) >= 2
+    assert several.sum() > 200
+    assert torch.equal(predictions_from(net, batch, "prototype"), rule)
+    assert not torch.equal(predictions_from(net, batch, "keyed")[several], rule[several])
 
 
 def test_an_unlabeled_step_is_forgotten_and_its_slot_freed():
@@ -103,9 +126,14 @@ def test_the_novelty_offset_fit_is_the_best_on_its_episodes_and_is_applied(omnig
     sampler = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=8)
     before = model.head_proj.bias[1].item()
     result = calibrate_novelty(model, sampler, 20)
-    assert result["offset"] in NOVELTY_OFFSETS and result["accuracy"] >= result["accuracy_without"]
+    assert result["offset"] in NOVELTY_OFFSETS
+    assert result["worst_instance"] == min(result["by_instance"].values())
+    assert result["worst_instance"] >= min(result["by_instance_without"].values())
     assert model.head_proj.bias[1].item() == before + result["offset"]
     batch = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=8).sample(20)
     with torch.no_grad():
         logits, _ = model.forward_sequence(batch.images, batch.label_inputs)
-    assert (logits.argmax(-1) == batch.targets).float().mean().item() == result["accuracy"]
+    correct = logits.argmax(-1) == batch.targets
+    assert correct.float().mean().item() == result["accuracy"]
+    table = by_instance(per_episode_accuracy(correct, batch.instance, 4))
+    assert {k: row["accuracy"] for k, row in table.items()} == result["by_instance"]
