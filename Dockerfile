@@ -4,7 +4,7 @@
 #
 #   docker build -t ntm-fewshot .                                   # CPU torch (default)
 #   docker build -t ntm-fewshot:cuda --build-arg TORCH_VARIANT=cu128 .  # CUDA torch
-#   docker run --rm -p 8000:8000 ntm-fewshot
+#   docker run --rm -p 8000:8000 -p 8001:8001 ntm-fewshot        # HTTP on 8000, gRPC on 8001
 #
 # Build arguments:
 #   PYTHON_VERSION  the python:<version>-slim base of both stages (default 3.11)
@@ -73,6 +73,7 @@ ENV PATH="${VIRTUAL_ENV}/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     NTM_HOST=0.0.0.0 \
     NTM_PORT=8000 \
+    NTM_GRPC_PORT=8001 \
     NTM_STORE=memory:// \
     NTM_WORKERS=1 \
     NTM_DEVICE=cpu \
@@ -83,7 +84,8 @@ COPY --from=builder ${VIRTUAL_ENV} ${VIRTUAL_ENV}
 
 USER 10001:10001
 WORKDIR /home/ntm
-EXPOSE 8000
+# HTTP (/v1, /v2 REST) and the Open Inference Protocol over gRPC (Triton's ports).
+EXPOSE 8000 8001
 
 # Liveness: the process answers. Python's urllib, as the slim image has no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

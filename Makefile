@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench grpc-stubs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.training
 	$(PY) -m bench.http
 	$(PY) -m bench.soak
+
+# The gRPC stubs from service/api/grpc/grpc_predict_v2.proto (committed; tests/unit/test_grpc_stubs.py checks them).
+grpc-stubs: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. service/api/grpc/grpc_predict_v2.proto

@@ -1,4 +1,5 @@
-"""The FastAPI application factory: a lifespan that loads models, opens the store and sweeps it."""
+"""The FastAPI application factory: a lifespan that loads models, opens the store, sweeps it, and serves the
+Open Inference Protocol over gRPC beside HTTP (``service.api.grpc.server``, on the same engine and loop)."""
 
 from __future__ import annotations
 
@@ -93,12 +94,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = open_store(settings)
         engine = SessionEngine(settings, registry, store, metrics)
         app.state.engine = engine
+        grpc_server = None
+        if settings.grpc_port:
+            # imported only here: its stubs and tritonclient.grpc's cannot share a process (service.api.grpc)
+            from service.api.grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(settings, engine, metrics, app.version)
         sweeper = asyncio.create_task(_sweep(engine, settings.sweep_interval_seconds))
         log.info("ready", extra={"fields": {"models": list(registry.models), "store": settings.store.split("@")[-1]}})
         try:
             with frozen_startup_heap():
                 yield
         finally:
+            if grpc_server is not None:  # uvicorn has drained HTTP by now; gRPC's calls in flight finish first
+                await grpc_server.drain(DRAIN_SECONDS)
             engine.draining = True
             for _ in range(int(DRAIN_SECONDS * 100)):
                 if engine.inflight == 0:

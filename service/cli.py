@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 FLAGS = {  # flag -> setting; a flag given on the command line overrides its NTM_* variable
     "--host": "host",
     "--port": "port",
+    "--grpc-port": "grpc_port",
     "--store": "store",
     "--model": "models",
     "--workers": "workers",
@@ -39,7 +40,7 @@ def settings_from_flags(argv: list[str] | None) -> Settings:
     """The settings: NTM_* variables, with the flags given on top (written back to the environment, so
     that uvicorn's worker processes, which build their own settings, see them too)."""
     fields = Settings.model_fields
-    parser = argparse.ArgumentParser(prog="ntm-serve", description="Serve NTM few-shot models over HTTP.")
+    parser = argparse.ArgumentParser(prog="ntm-serve", description="Serve NTM few-shot models over HTTP and gRPC.")
     for flag, name in FLAGS.items():
         repeatable = name == "models"
         default = "the shipped model" if repeatable else fields[name].default

@@ -13,7 +13,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.request_latency = Histogram(
             "ntm_request_duration_seconds",
-            "HTTP request latency by route",
+            "Request latency by route: HTTP, and gRPC as method GRPC with the call's path and status name",
             ["method", "route", "status"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -19,6 +19,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="the port of the Open Inference Protocol over gRPC, on the same host (Triton's 8001); 0: no gRPC",
+    )
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [PRETRAINED_DIR, FAST_DIR],
@@ -103,6 +109,8 @@ class Settings(BaseSettings):
                 f"workers={self.workers} needs a shared store (redis://host:port/db): with memory:// each worker "
                 "process holds its own sessions, and a step reaching another worker would find none"
             )
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port ({self.grpc_port}) is the HTTP port too: give gRPC its own, or 0 for none")
         if self.session_ttl_seconds > self.max_session_ttl_seconds:
             raise ValueError(
                 f"session_ttl_seconds ({self.session_ttl_seconds:g}) is over max_session_ttl_seconds "

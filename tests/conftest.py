@@ -19,6 +19,9 @@ from PIL import Image, ImageDraw
 from tests.servers import RedisServer
 
 torch.set_num_threads(1)
+# In-process apps (tests/api) serve no gRPC: each would bind port 8001, the default. Servers in
+# subprocesses (tests.servers) get NTM_GRPC_PORT of their own, a free port.
+os.environ["NTM_GRPC_PORT"] = "0"
 
 FIXTURE_ALPHABETS = ("Alpha", "Beta", "Gamma")
 CHARACTERS_PER_ALPHABET = 4

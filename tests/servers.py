@@ -19,10 +19,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: int | None = None) -> int:
+    """A port nothing listens on now (and not ``avoid``, a port just handed out for something else)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
@@ -48,8 +52,9 @@ class ServerProcess:
 
     By default ``python -m uvicorn service.app:app_from_env --factory`` on a free port, with
     ``env`` (NTM_* variables) on top of a clean environment; ``args`` runs another command
-    line (``ntm-serve``, say) that listens on ``port``. ``cwd``: the checkout whose code it runs
-    (this one by default; ``bench.http_ab`` runs another beside it). ``stop`` sends SIGTERM and waits.
+    line (``ntm-serve``, say) that listens on ``port``. Its gRPC server listens on another free
+    port (``grpc_target``), unless ``env`` names NTM_GRPC_PORT. ``cwd``: the checkout whose code it
+    runs (this one by default; ``bench.http_ab`` runs another beside it). ``stop`` sends SIGTERM and waits.
     """
 
     def __init__(
@@ -64,12 +69,15 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        given = (env or {}).get("NTM_GRPC_PORT")
+        self.grpc_port = int(given) if given is not None else free_port(avoid=self.port)
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         if log_path is None:
             handle, name = tempfile.mkstemp(prefix="ntm-server-", suffix=".log")
             os.close(handle)
             log_path = Path(name)
         self.log_path = log_path
-        full_env = {**server_env(log_level=log_level, threads="1"), **(env or {})}
+        full_env = {**server_env(log_level=log_level, threads="1", grpc_port=str(self.grpc_port)), **(env or {})}
         if args is None:
             args = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1"]
             args += ["--port", str(self.port), "--log-level", log_level, "--no-access-log"]

@@ -151,8 +151,9 @@ def test_dockerfile_runtime_user_port_health_entrypoint(dockerfile: Dockerfile) 
     uid = user.args.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "run as a numeric, non-root user (Kubernetes runAsNonRoot can check it)"
     assert variables["NTM_HOST"] == "0.0.0.0" and variables["NTM_PORT"] == "8000"
+    assert variables["NTM_GRPC_PORT"] == "8001", "gRPC on Triton's port"
     assert variables["NTM_STORE"] == "memory://"
-    assert [e.args for e in runtime.find("EXPOSE")] == [variables["NTM_PORT"]]
+    assert [e.args.split() for e in runtime.find("EXPOSE")] == [[variables["NTM_PORT"], variables["NTM_GRPC_PORT"]]]
     (entrypoint,) = runtime.find("ENTRYPOINT")
     assert exec_form(entrypoint) == ["ntm-serve"], "exec form, so ntm-serve gets SIGTERM directly"
     assert not runtime.find("CMD"), "arguments after the image name should go to ntm-serve"
@@ -300,17 +301,23 @@ def test_compose_replicas_share_the_redis_store(compose: dict) -> None:
         assert depends.get("redis", {}).get("condition") == "service_healthy", f"{name}: start after Redis is up"
 
 
-def test_compose_publishes_one_port_on_the_balancer_only(compose: dict) -> None:
+def test_compose_publishes_http_and_grpc_on_the_balancer_only(compose: dict) -> None:
     services = compose["services"]
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert list(published) == ["lb"], f"only the balancer publishes a port, found {published}"
-    (port,) = published["lb"]
-    target = str(port).rsplit(":", 1)[-1] if not isinstance(port, dict) else str(port["target"])
-    assert re.search(rf"\blisten\s+{target}\s*;", read_nginx()), f"nginx does not listen on {target}"
+    assert list(published) == ["lb"], f"only the balancer publishes ports, found {published}"
+    targets = [
+        str(port).rsplit(":", 1)[-1] if not isinstance(port, dict) else str(port["target"]) for port in published["lb"]
+    ]
+    assert len(targets) == 2, f"HTTP and gRPC, found {targets}"
+    for target in targets:
+        assert re.search(rf"\blisten\s+{target}\s*;", read_nginx()), f"nginx does not listen on {target}"
     mounts = [str(v) for v in services["lb"].get("volumes", [])]
     assert any(m.startswith("./nginx.conf:/etc/nginx/nginx.conf") for m in mounts), mounts
     depends = services["lb"].get("depends_on") or {}
     assert set(depends) == set(replicas(compose))
+    for name, service in replicas(compose).items():
+        env = environment(service)
+        assert {env["NTM_PORT"], env["NTM_GRPC_PORT"]} <= {str(p) for p in service.get("expose", [])}, name
 
 
 # -------------------------------------------------------------------------------------- nginx
@@ -321,18 +328,20 @@ def read_nginx() -> str:
 
 
 def test_nginx_round_robins_over_both_replicas(compose: dict) -> None:
+    """One upstream for HTTP (proxy_pass), one for gRPC (grpc_pass over HTTP/2), each over both replicas."""
     conf = read_nginx()
-    upstreams = re.findall(r"upstream\s+(\S+)\s*\{([^}]*)\}", conf)
-    assert len(upstreams) == 1, upstreams
-    ((name, body),) = upstreams
-    servers = re.findall(r"^\s*server\s+([^\s;]+)", body, re.MULTILINE)
-    expected = {f"{n}:{environment(s)['NTM_PORT']}" for n, s in replicas(compose).items()}
-    assert set(servers) == expected and len(servers) == 2
-    for method in ("ip_hash", "hash", "sticky", "least_conn", "least_time", "random"):
-        assert not re.search(rf"^\s*{method}\b", body, re.MULTILINE), f"upstream uses {method}: not round robin"
+    upstreams = dict(re.findall(r"upstream\s+(\S+)\s*\{([^}]*)\}", conf))
+    assert len(upstreams) == 2, upstreams
+    for setting, directive, scheme in (("NTM_PORT", "proxy_pass", "http"), ("NTM_GRPC_PORT", "grpc_pass", "grpc")):
+        expected = {f"{n}:{environment(s)[setting]}" for n, s in replicas(compose).items()}
+        (name,) = re.findall(rf"{directive}\s+{scheme}://(\S+?)\s*;", conf)
+        servers = re.findall(r"^\s*server\s+([^\s;]+)", upstreams[name], re.MULTILINE)
+        assert set(servers) == expected and len(servers) == 2, (name, servers)
+        for method in ("ip_hash", "hash", "sticky", "least_conn", "least_time", "random"):
+            assert not re.search(rf"^\s*{method}\b", upstreams[name], re.MULTILINE), f"{name} uses {method}"
     assert not re.search(r"\bsticky\b", conf)
-    assert re.search(rf"proxy_pass\s+http://{re.escape(name)}\s*;", conf)
-    # A step POST is never resent to the other replica once one got it.
+    assert re.search(r"^\s*http2\s+on\s*;", conf, re.MULTILINE), "gRPC needs HTTP/2 on its listener"
+    # A step is never resent to the other replica once one got it.
     assert "non_idempotent" not in conf
     assert conf.count("{") == conf.count("}")
 
@@ -438,7 +447,9 @@ def test_builder_stage_replay_serves(dockerfile: Dockerfile) -> None:
 
         # The image's entrypoint, with the image's NTM_* environment (on loopback and a free port here).
         port = free_port()
-        env = {**runtime_env, "NTM_HOST": "127.0.0.1", "NTM_PORT": str(port), "NTM_THREADS": "1"}
+        grpc_port = free_port(avoid=port)
+        env = {**runtime_env, "NTM_HOST": "127.0.0.1", "NTM_PORT": str(port), "NTM_GRPC_PORT": str(grpc_port)}
+        env["NTM_THREADS"] = "1"
         argv = exec_form(runtime.find("ENTRYPOINT")[0])
         argv = [shutil.which(argv[0], path=env["PATH"]) or argv[0], *argv[1:]]
         assert argv[0] == str(venv / "bin" / "ntm-serve")

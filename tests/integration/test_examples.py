@@ -42,6 +42,16 @@ def test_tritonclient_episode(shipped):
     assert label == "3", out
 
 
+def test_tritonclient_grpc_episode(shipped):
+    """Unary and streaming over gRPC: the same episode, the same answer (character 3), the same probabilities."""
+    out = run_example("grpc_episode.py", shipped.grpc_target)
+    unary, unary_label, streamed, streamed_label = re.fullmatch(
+        r"unary:  \[(.*)\] -> (\d)\nstream: \[(.*)\] -> (\d)\n", out, re.S
+    ).groups()
+    assert len(unary.split()) == 5 and unary == streamed, out
+    assert unary_label == streamed_label == "3", out
+
+
 def readme_block(heading: str, language: str) -> str:
     """The first ``language`` code block under the README heading ``heading``."""
     readme = (EXAMPLES.parent / "README.md").read_text()

@@ -129,6 +129,21 @@ def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, re
     assert "steps vs /healthz" in out and "event loop / model" in out and "predict images/s" in out
 
 
+def test_grpc_bench_runs_every_transport_and_reports(tmp_path, tiny_checkpoint, capsys):
+    from bench import grpc as grpc_bench
+
+    out = tmp_path / "grpc.json"
+    argv = ["--model", str(tiny_checkpoint), "--seconds", "0.3", "--rounds", "1", "--concurrency", "4"]
+    assert grpc_bench.main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["concurrency"] == 4
+    assert [r["transport"] for r in report["results"]] == ["grpc-unary", "grpc-stream", "v2-rest", "v1"]
+    for r in report["results"]:
+        assert r["errors"] == 0 and r["steps"] > 0 and r["steps_per_s"] > 0, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"], r
+    assert "grpc-stream" in capsys.readouterr().out
+
+
 def test_http_ab_bench_runs_two_checkouts_side_by_side(tmp_path, capsys):
     from bench import http_ab
     from tests.servers import ROOT

@@ -66,3 +66,16 @@ def test_flags_override_the_environment_and_the_rest_comes_from_it(monkeypatch: 
     )
     assert [str(path) for path in settings.models] == ["a", "b"]
     assert os.environ["NTM_MODELS"] == "a,b" and os.environ["NTM_PORT"] == "9000"  # for uvicorn's workers
+
+
+def test_grpc_needs_a_port_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(port=9000, grpc_port=9000)
+    assert describe_settings_error(caught.value).startswith("grpc_port (9000) is the HTTP port too")
+    assert Settings(port=0, grpc_port=0).grpc_port == 0  # 0 turns gRPC off
+    monkeypatch.setenv("NTM_GRPC_PORT", "1234")
+    assert Settings().grpc_port == 1234
+    monkeypatch.setenv("NTM_GRPC_PORT", "")
+    monkeypatch.delenv("NTM_GRPC_PORT")
+    assert Settings().grpc_port == 8001  # Triton's
+    assert settings_from_flags(["--grpc-port", "9001"]).grpc_port == 9001
