@@ -203,7 +203,7 @@ def numeric(item: Tensor) -> np.ndarray:
     if item.raw is not None:
         if len(item.raw) != count * dtype.itemsize:
             raise bad(
-                f"input '{item.name}': binary_data_size is {len(item.raw)} bytes; shape {item.shape} of "
+                f"input '{item.name}': its binary data is {len(item.raw)} bytes; shape {item.shape} of "
                 f"{item.datatype} takes {count * dtype.itemsize}"
             )
         return np.frombuffer(item.raw, dtype=dtype).reshape(item.shape)
@@ -285,7 +285,10 @@ async def read_inputs(inputs: list[Tensor], served: ServedModel, max_side: int) 
         if "shared_memory_region" in item.parameters:
             raise bad(f"input '{item.name}': shared memory is not supported; send the data in the request")
         if item.raw is None and item.data is None:
-            raise bad(f"input '{item.name}' has neither data nor binary_data_size")
+            raise bad(
+                f"input '{item.name}' has no data: neither data (JSON data, gRPC contents) nor binary data "
+                "(binary_data_size, raw_input_contents)"
+            )
         items[item.name] = item
     if "IMAGE" not in items:
         raise bad("input 'IMAGE' is missing")

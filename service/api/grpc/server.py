@@ -175,6 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.engine, self.metrics, self.version = engine, metrics, version
         self.keys = key_bytes(keys)
         self.draining = asyncio.Event()
+        self.steps: set[asyncio.Task[None]] = set()  # every stream request in flight, held until it is answered
 
     # ------------------------------------------------------------------ plumbing
 
@@ -335,7 +336,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task[None]] = set()
         drain = asyncio.ensure_future(self.draining.wait())
         incoming = aiter(requests)
-        drained = False
+        drained, read = False, None
         try:
             while True:
                 read = asyncio.ensure_future(anext(incoming))
@@ -352,11 +353,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task = asyncio.create_task(self._answer_in_turn(message, owner, last.get(key), responses))
                 last[key] = task
                 running.add(task)
-                task.add_done_callback(lambda done, key=key: _forget(done, key, last, running))
+                self.steps.add(task)  # a request read is answered even if the client has gone meanwhile
+                task.add_done_callback(lambda done, key=key: _forget(done, key, last, running, self.steps))
             if running:
                 await asyncio.wait(set(running))
         finally:
             drain.cancel()
+            if read is not None:
+                read.cancel()
             await responses.put(None)
         return drained
 
@@ -385,8 +389,10 @@ def _forget(
     key: tuple[str, str, Any],
     last: dict[tuple[str, str, Any], asyncio.Task[None]],
     running: set[asyncio.Task[None]],
+    held: set[asyncio.Task[None]],
 ) -> None:
     running.discard(task)
+    held.discard(task)
     if last.get(key) is task:
         del last[key]
 
