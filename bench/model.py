@@ -27,15 +27,15 @@ MATMUL = (256, 1024, 1024)  # [M, K] @ [K, N]
 TARGET_US_BATCH_1 = 250.0
 TARGET_RATE_BATCH_256 = 40_000.0
 MODELS = {
-    "keyed_conv4": "keyed Conv-4 (default)",
+    "prototype_conv4": "prototype-read Conv-4 (default)",
     "ntm_conv": "NTM conv (fast)",
     "ntm_flatten": "NTM flatten",
     "lrua_flatten": "LRUA flatten",
     "seed": "seed",
 }
-CONFIGS = {  # ours by name; keyed_conv4 and ntm_conv are the shipped default and fast models' architectures
-    "keyed_conv4": NTMConfig(
-        encoder="conv4", conv_channels=(64, 64, 64, 64), addressing="keyed", memory_width=69, hidden_size=128
+CONFIGS = {  # ours by name; prototype_conv4 and ntm_conv are the shipped default and fast models' architectures
+    "prototype_conv4": NTMConfig(
+        encoder="conv4", conv_channels=(64, 64, 64, 64), addressing="prototype", memory_width=69, hidden_size=128
     ),
     "ntm_conv": NTMConfig(encoder="conv"),
     "ntm_flatten": NTMConfig(encoder="flatten"),
@@ -82,6 +82,8 @@ def flops_per_session_step(config: NTMConfig) -> dict[str, int]:
         parts["head_projection"] = 2 * features * key + key + 2 * hidden * 2 + 2 + 2  # key, beta and none, softplus
         # label completion (one write), squared distances to every key, softmax with "none", free slot
         parts["addressing"] = 5 * slots * width + 3 * slots * key + 4 * slots + slots * ways
+        if config.addressing == "prototype":  # class sums and means, distances to K means, spread over rows
+            parts["addressing"] = 5 * slots * width + 2 * slots * ways * key + 4 * ways * key + 2 * slots * ways
         # read, least-used sort, zero + write the new row, usage update
         parts["read_write"] = 2 * slots * width + 8 * slots + 2 * slots * width + 3 * slots
         parts["output"] += 2 * ways  # log(p + eps), added to the linear read-out

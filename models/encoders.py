@@ -50,6 +50,11 @@ class ConvEncoder(nn.Module):
             self._blocked = onednn.BlockedConvStack([m for m in self.convs if isinstance(m, nn.Conv2d)])
         return self._blocked(x)
 
+    def _versionless(self) -> bool:
+        """True when the weights were made under ``torch.inference_mode``: such tensors keep no
+        version counter, so a folded copy could not tell that they changed; they run unfolded."""
+        return self.blocks[0][0].weight.is_inference()
+
     def __getstate__(self) -> dict:
         """Pickling and deep copies leave the oneDNN weights behind (rebuilt on use)."""
         return {**super().__getstate__(), "_blocked": None}
@@ -96,11 +101,16 @@ class Conv4Encoder(nn.Module):
         x = images.unsqueeze(1)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or self._versionless():
             return self.blocks(x).flatten(1)
         if self._folded is None or not self._folded.is_current():
             self._folded = FoldedConvStack(self.blocks)
         return self._folded(x).flatten(1)
+
+    def _versionless(self) -> bool:
+        """True when the weights were made under ``torch.inference_mode``: such tensors keep no
+        version counter, so a folded copy could not tell that they changed; they run unfolded."""
+        return self.blocks[0][0].weight.is_inference()
 
     def __getstate__(self) -> dict:
         """Pickling and deep copies leave the folded copy behind (rebuilt on use)."""

@@ -31,7 +31,7 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
         "us_per_step_batch_1",
         "targets",
     }
-    assert set(data["steps_per_s"]) == {"keyed_conv4", "ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
+    assert set(data["steps_per_s"]) == {"prototype_conv4", "ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
     assert all(rates["1"] > 0 for rates in data["steps_per_s"].values())
     assert "us_batch_1" in data["targets"]
     assert "| batch |" in capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_flop_count_is_dominated_by_the_encoder_and_projections():
     assert 1.1e6 < conv["encoder"] < 1.3e6  # the ConvEncoder docstring's "about 1.2 MFLOP"
     assert flatten["encoder"] == 0 and flatten["input_projection"] == 2 * (784 + 5) * 800 + 800
     assert model_bench.flops_per_session_step(NTMConfig(use_memory=False))["addressing"] == 0
-    conv4 = model_bench.flops_per_session_step(model_bench.CONFIGS["keyed_conv4"])
+    conv4 = model_bench.flops_per_session_step(model_bench.CONFIGS["prototype_conv4"])
     assert 18e6 < conv4["encoder"] < 20e6  # the Conv4Encoder docstring's "about 19 MFLOP"
     assert conv4["encoder"] > 0.95 * conv4["total"]
 

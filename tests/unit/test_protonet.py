@@ -114,6 +114,17 @@ def test_conv4_folds_its_batchnorms_for_inference_and_keeps_them_out_of_its_stat
         assert not torch.allclose(encoder(images), folded, atol=1e-3)
 
 
+def test_an_encoder_made_under_inference_mode_runs_unfolded_and_sees_its_weights_change():
+    """Inference tensors keep no version counter, so such an encoder cannot keep a folded copy."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        encoder = Conv4Encoder((8, 8, 8, 8)).eval()
+        images = torch.rand(3, 28, 28)
+        before = encoder(images)
+        encoder.blocks[0][0].weight.mul_(2)
+        assert not torch.allclose(encoder(images), before, atol=1e-3)
+
+
 def test_the_shipped_protonet_loads_with_the_threshold_it_records():
     from pathlib import Path
 
