@@ -45,7 +45,8 @@ def install_docs(app: FastAPI) -> None:
             swagger_js_url=f"{root}{ASSETS_URL}/{SWAGGER_JS}",
             swagger_css_url=f"{root}{ASSETS_URL}/{SWAGGER_CSS}",
             swagger_favicon_url=f"{root}{ASSETS_URL}/{FAVICON}",
-            swagger_ui_parameters=app.swagger_ui_parameters,
+            # no validator badge: Swagger UI would fetch it from validator.swagger.io for any non-local host
+            swagger_ui_parameters={**(app.swagger_ui_parameters or {}), "validatorUrl": None},
             oauth2_redirect_url=None,
         )
 

@@ -25,14 +25,14 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 API_KEY = "demo-test-key"
-TIMEOUT_MS = 15_000  # a page waits for the model and a loaded machine
+TIMEOUT_MS = 30_000  # the longest a page waits for the model (on a loaded machine); passing tests take seconds
 
 expect.set_options(timeout=TIMEOUT_MS)
 
 
 @dataclass
 class Watched:
-    """A page, with what it tried to fetch from elsewhere and every error it raised or logged."""
+    """A page, with what it tried to fetch from elsewhere ("<resource type> <url>") and every error it raised or logged."""
 
     page: Page
     blocked: list[str] = field(default_factory=list)
@@ -40,8 +40,10 @@ class Watched:
     console_errors: list[str] = field(default_factory=list)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Chromium for one module's tests. Not longer: while Playwright's sync API runs, an event loop
+    counts as running in this thread, and the suite's async tests after these could not start theirs."""
     if not CHROMIUM.exists():
         message = f"no Chromium at {CHROMIUM}: scripts/install-chromium (run by `make test`) installs it"
         if os.environ.get("CI"):
@@ -61,7 +63,7 @@ def keep_local(blocked: list[str]) -> Callable[[Route], None]:
         if urlsplit(url).hostname in LOCAL_HOSTS:
             route.continue_()
         else:
-            blocked.append(url)
+            blocked.append(f"{route.request.resource_type} {url}")
             route.abort()
 
     return handle
@@ -94,7 +96,7 @@ def demo_server() -> Iterator[ServerProcess]:
     """The service on the shipped default model alone, so that recognition in the browser is the real model's."""
     server = ServerProcess({"NTM_MODELS": str(PRETRAINED_DIR), "NTM_ACCESS_LOG": "false"})
     try:
-        yield server.wait_ready()
+        yield server.wait_ready(timeout=120)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
@@ -105,7 +107,7 @@ def keyed_server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
     """The service with API keys on (a small model: these tests are about the key, not recognition)."""
     server = ServerProcess({"NTM_MODELS": str(tiny_checkpoint), "NTM_API_KEYS": API_KEY, "NTM_ACCESS_LOG": "false"})
     try:
-        yield server.wait_ready()
+        yield server.wait_ready(timeout=120)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
