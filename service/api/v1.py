@@ -265,6 +265,12 @@ PREPROCESS_FORM = TypeAdapter(PreprocessIn)
     },
 )
 async def preprocess_image(request: Request, engine: Engine) -> JSONResponse:
+    """``models.data.preprocess`` itself, so that a client showing the model's input never needs a copy of it.
+
+    The body is validated from the raw JSON as a step's is, so that a bad image is the same named
+    422 ``invalid_image``. Unlike a step's, the last stage (``ink``) runs here on the event loop:
+    this route shows images to people and is off the hot path.
+    """
     try:
         body = PREPROCESS_FORM.validate_json(await request.body())
     except ValidationError as exc:
