@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 serve: $(VENV)/.installed
 	$(VENV)/bin/ntm-serve --host $(HOST) --port $(PORT)
 
+# tests/browser drive Debian's Chromium: scripts/install-chromium installs it once, and does nothing when it is there.
 test: $(VENV)/.installed
+	bash scripts/install-chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

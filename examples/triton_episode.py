@@ -1,4 +1,4 @@
-"""The README's tritonclient episode (Open Inference Protocol v2 with sequences); the tests run it."""
+"""A tritonclient episode (Open Inference Protocol v2 with sequences), the one the README points to; the tests run it."""
 
 import sys
 

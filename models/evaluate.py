@@ -90,6 +90,47 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_by_instance(results: dict[str, dict], out_path: Path) -> None:
+    """The table as a PNG: accuracy (%) by instance for every row, with its 95% interval as error bars.
+
+    The x axis is the instance number itself (1 to 5, then 10), so the gap before the 10th shows;
+    rows are offset a little along it so that their error bars do not hide each other.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    spread = 0.06 * (len(results) - 1)
+    for row, (name, result) in enumerate(results.items()):
+        instances = [int(k) for k in result["by_instance"]]
+        offset = (row / max(len(results) - 1, 1) - 0.5) * spread
+        ax.errorbar(
+            [k + offset for k in instances],
+            [100 * v["accuracy"] for v in result["by_instance"].values()],
+            yerr=[100 * v["ci95"] for v in result["by_instance"].values()],
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=name,
+        )
+    reported = sorted({int(k) for result in results.values() for k in result["by_instance"]})
+    ax.set_xticks(reported, [_ordinal(k) for k in reported])
+    ax.set_xlabel("instance of a class in the episode")
+    ax.set_ylabel("accuracy (%)")
+    first = next(iter(results.values()))
+    ax.set_title(
+        f"{first['ways']}-way episodes of {first['shots']} drawings per class, {first['episodes']} episodes; 95% intervals",
+        fontsize="medium",
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
 def _ordinal(k: int) -> str:
     return f"{k}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(k if k < 20 else k % 10, 'th') }"
 
@@ -124,11 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="also draw the table here as a PNG (accuracy by instance, 95%% intervals)",
+    )
     args = parser.parse_args(argv)
     results = run_evaluation(args)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot_by_instance(results, args.plot)
     return 0
 
 

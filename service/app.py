@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import v1, v2
+from service.api.demo import install_demo
+from service.api.docs import install_docs
 from service.api.fastpath import ServiceAPI
 from service.auth import APIKeyMiddleware, configured_keys
 from service.engine import SessionEngine
@@ -125,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Few-shot character recognition: a Neural Turing Machine whose per-session memory learns from labeled steps at inference time.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from service.api.docs, with their assets served here
+        redoc_url=None,
         # FastAPI's native OpenTelemetry checks for a configured provider on every request
         # (about 9% of the event loop's time per step); it stays off unless asked for.
         telemetry=None if settings.otel_telemetry else {"tracing": False, "metrics": False, "logs": False},
@@ -136,6 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v2.install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    install_docs(app)
+    install_demo(app)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -167,15 +173,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _openapi_with_step_schemas(app: FastAPI) -> dict:
-    """FastAPI's schema plus the step and predict bodies, which their routes validate themselves from the raw JSON."""
+    """FastAPI's schema plus the step, predict and preprocess bodies, which their routes validate themselves from the raw JSON."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        from service.api.schemas import PredictIn, StepIn, StepsIn
+        from service.api.schemas import PredictIn, PreprocessIn, StepIn, StepsIn
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (StepIn, StepsIn, PredictIn):
+        for model in (StepIn, StepsIn, PredictIn, PreprocessIn):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

@@ -183,6 +183,27 @@ class PredictOut(BaseModel):
     steps: int = Field(description="the session's step count, which a prediction leaves unchanged")
 
 
+class PreprocessIn(BaseModel):
+    """An image to see as a model sees it: the preprocessing every step and prediction runs, and nothing else."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        val_json_bytes="base64",
+        json_schema_extra={"examples": [{"image": {"pixels": EXAMPLE_PIXELS}}]},
+    )
+
+    image: ImageIn
+    model: str | None = Field(None, description="a name from GET /v1/models (its input size); the default when omitted")
+
+
+class PreprocessOut(BaseModel):
+    model: str = Field(description="the model whose input this is")
+    size: int = Field(description="the side of the model's square input")
+    ink: list[list[float]] = Field(
+        description="size rows of size values: the model's input exactly, 1.0 for a stroke, 0.0 for paper"
+    )
+
+
 class ModelOut(BaseModel):
     name: str
     num_ways: int

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
-from models.data.preprocess import fit_size
+from models.data.preprocess import fit_size, preprocess
 from service.api.schemas import (
     EXAMPLE_PIXELS,
     CreateSessionIn,
@@ -22,6 +22,8 @@ from service.api.schemas import (
     ModelsOut,
     PredictIn,
     PredictOut,
+    PreprocessIn,
+    PreprocessOut,
     SessionInfoOut,
     SessionOut,
     StepIn,
@@ -243,6 +245,42 @@ async def predict(session_id: SessionId, request: Request, engine: Engine, owner
         for image in body.images
     ]
     return JSONResponse(await engine.predict(session_id, grays, owner))
+
+
+PREPROCESS_FORM = TypeAdapter(PreprocessIn)
+
+
+@router.post(
+    "/preprocess",
+    response_model=PreprocessOut,
+    summary="An image as a model's input: the preprocessing of every step, and nothing else",
+    description="Decodes and checks the image as a step does, then runs the preprocessing training and serving share "
+    "(models.data.preprocess): the answer is the model's input exactly, to show a drawing as the model saw it. No "
+    "session is read or changed.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PreprocessIn"}}},
+        }
+    },
+)
+async def preprocess_image(request: Request, engine: Engine) -> JSONResponse:
+    """``models.data.preprocess`` itself, so that a client showing the model's input never needs a copy of it.
+
+    The body is validated from the raw JSON as a step's is, so that a bad image is the same named
+    422 ``invalid_image``. Unlike a step's, the last stage (``ink``) runs here on the event loop:
+    this route shows images to people and is off the hot path.
+    """
+    try:
+        body = PREPROCESS_FORM.validate_json(await request.body())
+    except ValidationError as exc:
+        raise_body_error(exc)
+    served = engine.served(body.model)
+    size = served.model.config.image_size
+    max_side = engine.settings.max_image_side
+    image = body.image
+    gray = await decode_png_async(image.png, max_side) if image.png is not None else inline_gray(image, max_side)
+    return JSONResponse({"model": served.name, "size": size, "ink": preprocess(gray, size).tolist()})
 
 
 @router.get(

@@ -237,6 +237,20 @@ def test_shipped_models_are_package_data(shipped_model: str) -> None:
             assert any(path.match(p) for p in patterns), f"{path.name} would not be installed"
 
 
+def test_the_demo_page_is_package_data() -> None:
+    """Every file of service/static/ is matched by the package data, so a regular install serves /demo/."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    static = [path for path in (ROOT / "service" / "static").rglob("*") if path.is_file()]
+    assert {p.name for p in static} >= {"index.html", "demo.js", "demo.css"}
+    for path in static:
+        relative = path.relative_to(ROOT / "service")
+        assert any(relative.match(p) for p in patterns), f"{relative} would not be installed"
+
+
 # ------------------------------------------------------------------------------------ compose
 
 
@@ -475,6 +489,9 @@ def test_builder_stage_replay_serves(dockerfile: Dockerfile) -> None:
                 pixels = np.random.default_rng(0).integers(0, 256, size=(28, 28)).tolist()
                 step = client.post(f"/v1/sessions/{session}/steps", json={"image": {"pixels": pixels}, "label": "a"})
                 assert step.status_code == 200, step.text
+                # The demo's files and the docs' assets come from the installed packages too.
+                for path in ("/demo/", "/demo/demo.js", "/docs", "/docs-assets/swagger-ui-bundle.js", "/redoc"):
+                    assert client.get(path).status_code == 200, path
 
             # The image's HEALTHCHECK command, as Docker would run it inside the container.
             check = exec_form(runtime.find("HEALTHCHECK")[0], "CMD")

@@ -1,11 +1,13 @@
 """Training and evaluation on the fixture: loss goes down, resume is exact, eval reports."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from PIL import Image
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import NTMConfig
 from models.evaluate import main as eval_main
 from models.ntm import NTM
@@ -99,6 +101,20 @@ def test_ntm_eval_reports_the_instance_table(omniglot_zip, tmp_path, capsys):
     result = json.loads(out_json.read_text())[str(tmp_path / "m")]
     assert list(result["by_instance"]) == [str(k) for k in REPORTED_INSTANCES]
     assert all(0 <= v["accuracy"] <= 1 and v["ci95"] >= 0 for v in result["by_instance"].values())
+
+
+def test_ntm_eval_plots_the_table_as_a_png(omniglot_zip, tmp_path):
+    """--plot draws every row, the model's and its baseline's, into one PNG."""
+    torch.manual_seed(0)
+    # 3-way, as the one scored fixture alphabet has 4 classes; the other two fit the baseline
+    save_checkpoint(NTM(dataclasses.replace(TINY, num_ways=3)), tmp_path / "m")
+    plot = tmp_path / "by-instance.png"
+    argv = ["--data", str(omniglot_zip), "--alphabets", "Gamma", "--model", str(tmp_path / "m")]
+    assert eval_main([*argv, "--baseline", "prototype", "--episodes", "8", "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size == (800, 450)
+        assert len(image.getcolors(1 << 16) or ()) > 2, "more than a blank canvas"
 
 
 def test_compiled_training_matches_eager(omniglot_zip, tmp_path):
