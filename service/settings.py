@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     )
     store: str = Field("memory://", description="memory:// or redis://host:port/db (rediss:// for TLS)")
     redis_prefix: str = Field("ntm:", description="key prefix for the Redis store")
-    redis_timeout_seconds: float = Field(1.0, gt=0, description="bound on each Redis operation")
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, description="bound on each Redis operation, retries of a broken connection included"
+    )
     device: str = Field("cpu", description="cpu, cuda or auto")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
 
