@@ -140,10 +140,14 @@ class SessionEngine:
             raise unavailable("the server is shutting down")
         restored = self._restorable(snapshot, model) if snapshot is not None else None
         served = self.served(model if restored is None else restored.model)
-        ttl = ttl_seconds or self.settings.session_ttl_seconds
+        ttl = self.settings.session_ttl_seconds if ttl_seconds is None else ttl_seconds
         if ttl > self.settings.max_session_ttl_seconds:
             raise APIError(
                 422, "invalid_request", f"ttl_seconds may be at most {self.settings.max_session_ttl_seconds:g}"
+            )
+        if ttl < self.settings.min_session_ttl_seconds:
+            raise APIError(
+                422, "invalid_request", f"ttl_seconds must be at least {self.settings.min_session_ttl_seconds:g}"
             )
         record = SessionRecord(
             session_id=session_id or new_session_id(),

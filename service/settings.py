@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     max_session_ttl_seconds: float = Field(
         7 * 24 * 3600.0, gt=0, description="the longest ttl_seconds a client may ask for"
     )
+    min_session_ttl_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="the shortest ttl_seconds a client may ask for: a session that expires before its "
+        "creator's next request can reach it is of no use",
+    )
     max_sessions: int = Field(
         100_000, ge=1, description="live sessions the store holds (with Redis: across all replicas); more -> 503"
     )
@@ -109,6 +115,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"session_ttl_seconds ({self.session_ttl_seconds:g}) is over max_session_ttl_seconds "
                 f"({self.max_session_ttl_seconds:g})"
+            )
+        if self.min_session_ttl_seconds > self.session_ttl_seconds:
+            raise ValueError(
+                f"min_session_ttl_seconds ({self.min_session_ttl_seconds:g}) is over session_ttl_seconds "
+                f"({self.session_ttl_seconds:g})"
             )
         return self
 

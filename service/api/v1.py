@@ -8,7 +8,7 @@ import hashlib
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
@@ -72,10 +72,34 @@ async def list_models(engine: Engine) -> JSONResponse:
     return JSONResponse({"models": [m.describe() for m in engine.registry.models.values()]})
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut, summary="Open a session (a fresh episode)")
-async def create_session(
-    engine: Engine, owner: Owner, body: Annotated[CreateSessionIn | None, Body()] = None
-) -> JSONResponse:
+CREATE_FORM = TypeAdapter(CreateSessionIn | None)
+
+
+@router.post(
+    "/sessions",
+    status_code=201,
+    response_model=SessionOut,
+    summary="Open a session (a fresh episode)",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/json": {
+                    "schema": {"anyOf": [{"$ref": "#/components/schemas/CreateSessionIn"}, {"type": "null"}]}
+                }
+            },
+        }
+    },
+)
+async def create_session(request: Request, engine: Engine, owner: Owner) -> JSONResponse:
+    """The body is validated here, from the raw bytes, as the step and predict routes do: a body that is
+    not JSON (not even UTF-8) is then a 422 like any other invalid body, where FastAPI's own body
+    parsing would answer it with an undocumented 400."""
+    raw_body = await request.body()
+    try:
+        body = CREATE_FORM.validate_json(raw_body) if raw_body.strip() else None
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     body = body or CreateSessionIn()
     snapshot = None if body.snapshot is None else decode_snapshot_field(body.snapshot)
     record = await engine.create(body.model, body.ttl_seconds, owner, snapshot=snapshot)
