@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await asyncio.to_thread(registry.close)  # waits for the model threads: off the event loop
+            await engine.rate_limits.close()
             await store.close()
             log.info("stopped")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -80,6 +80,20 @@ class Settings(BaseSettings):
     max_steps_per_session: int = Field(
         1_000_000, ge=1, description="steps one session may take before it must be reset"
     )
+    rate_limit_steps: str | None = Field(
+        None,
+        description="steps per API key (per client address with no keys), as the limits library writes it: "
+        "'50/second', '1000/hour'; a batch of N steps or a prediction of N images counts N; unset: no limit",
+    )
+    rate_limit_sessions: str | None = Field(
+        None, description="session creates per API key (per client address with no keys), e.g. '20/minute'"
+    )
+    rate_limit_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = Field(
+        "moving-window",
+        description="how the limits library counts: moving-window is exact and keeps an entry per unit of the "
+        "limit; fixed-window and sliding-window-counter keep counters (fixed: bursts up to twice the limit "
+        "across a window's edge; sliding: an estimate)",
+    )
 
     log_level: str = Field("info", description="debug, info, warning or error (JSON logs on stderr)")
     access_log: bool = True
@@ -94,6 +108,22 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit_steps", "rate_limit_sessions")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        """A rate the limits library parses (``limits.parse``), of at least one per window."""
+        if value is None or not value.strip():
+            return None
+        from limits import parse
+
+        try:
+            item = parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit: write it as '50/second' or '1000 per hour'") from None
+        if item.amount < 1:
+            raise ValueError(f"{value!r} allows nothing: a rate limit allows at least 1 per window")
         return value
 
     @field_validator("models", mode="before")

@@ -38,12 +38,13 @@ from service.images import (
     invalid_image,
     pixels_array,
 )
+from service.ratelimit import client_address
 
 SESSION_ID_MAX_LENGTH = 64
 SessionId = Annotated[
     str, Path(min_length=1, max_length=SESSION_ID_MAX_LENGTH, description="the ID from POST /v1/sessions")
 ]
-ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 429, 503)}
 
 router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
 
@@ -102,7 +103,9 @@ async def create_session(request: Request, engine: Engine, owner: Owner) -> JSON
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     body = body or CreateSessionIn()
     snapshot = None if body.snapshot is None else decode_snapshot_field(body.snapshot)
-    record = await engine.create(body.model, body.ttl_seconds, owner, snapshot=snapshot)
+    record = await engine.create(
+        body.model, body.ttl_seconds, owner, snapshot=snapshot, client=client_address(request.scope)
+    )
     served = engine.served(record.model)
     return JSONResponse(
         {
@@ -158,7 +161,8 @@ STEP_BODY_DOC = {
 )
 async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
     """Documents the step route; requests are answered by ``service.api.fastpath`` (see ``run_steps``)."""
-    result = await run_steps(request.app.state.engine, get_owner(request), session_id, await request.body())
+    engine, owner, client = request.app.state.engine, get_owner(request), client_address(request.scope)
+    result = await run_steps(engine, owner, session_id, await request.body(), client)
     return JSONResponse(result)
 
 
@@ -185,8 +189,8 @@ def parse_step_request(raw_body: bytes) -> StepIn | StepsIn:
     raise_body_error(failed[is_batch])
 
 
-async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes) -> dict:
-    """The step route's work, from the raw JSON body to the response body.
+async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes, client: str = "") -> dict:
+    """The step route's work, from the raw JSON body to the response body (``client``: the caller's address).
 
     The body is parsed and validated in one pass (pydantic-core); the images are decoded and
     preprocessed before the session is touched, so bad input never reaches the model. The
@@ -211,7 +215,7 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
         digest.update(f"{item.label!r}|{png}|{gray.shape}|".encode())
         update_digest(digest, gray.tobytes())
         inputs.append(StepInput(fit_size(gray, image_size), item.label, item.step))
-    results = await engine.step(session_id, inputs, digest.hexdigest(), owner)
+    results = await engine.step(session_id, inputs, digest.hexdigest(), owner, client)
     return {"results": results} if batch else results[0]
 
 
@@ -266,7 +270,7 @@ async def predict(session_id: SessionId, request: Request, engine: Engine, owner
         )
         for image in body.images
     ]
-    return JSONResponse(await engine.predict(session_id, grays, owner))
+    return JSONResponse(await engine.predict(session_id, grays, owner, client_address(request.scope)))
 
 
 @router.get(

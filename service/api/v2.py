@@ -38,6 +38,7 @@ from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailabl
 from service.errors import APIError, is_protocol_path, v2_error_response
 from service.images import decode_base64, decode_png_async, gray_array
 from service.logs import log
+from service.ratelimit import client_address
 from service.registry import ServedModel
 from service.sessions.store import SessionExists, SessionRecord
 
@@ -364,8 +365,10 @@ def inference_response(
 # ----------------------------------------------------------------------------------- sequences (SEQ)
 
 
-async def open_sequence(engine: SessionEngine, session_id: str, model: str, owner: str) -> SessionRecord:
-    """sequence_start: a fresh episode under this ID, replacing a live one."""
+async def open_sequence(
+    engine: SessionEngine, session_id: str, model: str, owner: str, client: str = ""
+) -> SessionRecord:
+    """sequence_start: a fresh episode under this ID, replacing a live one (a new one counts as a session create)."""
     for _ in range(2):  # a racing sequence_start may create it between our reset and create
         try:
             return await engine.reset(session_id, owner)
@@ -373,14 +376,14 @@ async def open_sequence(engine: SessionEngine, session_id: str, model: str, owne
             if exc.code != "session_not_found":
                 raise
         try:
-            return await engine.create(model, None, owner, session_id)
+            return await engine.create(model, None, owner, session_id, client=client)
         except SessionExists:
             continue
     raise unavailable("the sequence is being started by another request; retry")
 
 
 async def step_in_order(
-    engine: SessionEngine, record: SessionRecord, step: StepInput, owner: str
+    engine: SessionEngine, record: SessionRecord, step: StepInput, owner: str, client: str = ""
 ) -> tuple[dict, list[Any]]:
     """One step after those already applied; returns its result and the labels its prediction saw.
 
@@ -388,10 +391,11 @@ async def step_in_order(
     used; a concurrent request of the sequence that got there first makes it re-read and follow that
     one. Each request gets its own digest: the protocol has no retry identity, so nothing is replayed.
     """
-    for _ in range(ORDER_ATTEMPTS):
+    for attempt in range(ORDER_ATTEMPTS):
         pinned = StepInput(step.image, step.label, record.steps)
         try:
-            results = await engine.step(record.session_id, [pinned], secrets.token_hex(16), owner)
+            digest = secrets.token_hex(16)  # counted against the step rate limit once, on its first attempt
+            results = await engine.step(record.session_id, [pinned], digest, owner, client, rate_limited=attempt == 0)
             return results[0], record.labels
         except APIError as exc:
             if exc.code != "step_conflict":
@@ -488,7 +492,7 @@ async def model_ready(request: Request, name: str) -> Response:
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(request: Request, name: str) -> Response:
     """OIP "Inference" of one step of a sequence (SEQ); the body is read here, binary or JSON (BIN)."""
-    engine, owner = get_engine(request), get_owner(request)
+    engine, owner, client = get_engine(request), get_owner(request), client_address(request.scope)
     served = served_model(request, name)
     body = decompress(await request.body(), request.headers.get("content-encoding"), engine.settings.max_body_bytes)
     infer_request, binary = parse_request(body, request.headers.get(HEADER_LENGTH))
@@ -499,10 +503,10 @@ async def infer(request: Request, name: str) -> Response:
     session_id = session_id_of(served.name, sequence.id, owner)
     try:
         if sequence.start:
-            record = await open_sequence(engine, session_id, served.name, owner)
+            record = await open_sequence(engine, session_id, served.name, owner, client)
         else:
             record = await engine.load(session_id, owner)
-        result, labels = await step_in_order(engine, record, step, owner)
+        result, labels = await step_in_order(engine, record, step, owner, client)
     except APIError as exc:
         if exc.code != "session_not_found":
             raise
