@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await asyncio.to_thread(registry.close)  # waits for the model threads: off the event loop
+            await engine.rate_limits.close()
             await store.close()
             log.info("stopped")
 
@@ -173,18 +174,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _openapi_with_step_schemas(app: FastAPI) -> dict:
-    """FastAPI's schema plus the step, predict and preprocess bodies, which their routes validate themselves from the raw JSON."""
+    """FastAPI's schema plus the create, step, predict and preprocess bodies, which their routes validate themselves
+    from the raw JSON, with the limits this server is configured with."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        from service.api.schemas import PredictIn, PreprocessIn, StepIn, StepsIn
+        from service.api.schemas import CreateSessionIn, PredictIn, PreprocessIn, StepIn, StepsIn, document_limits
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (StepIn, StepsIn, PredictIn, PreprocessIn):
+        for model in (CreateSessionIn, StepIn, StepsIn, PredictIn, PreprocessIn):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
+        settings: Settings = app.state.settings
+        document_limits(
+            components,
+            max_side=settings.max_image_side,
+            max_steps=settings.max_steps_per_request,
+            max_images=settings.max_predict_images,
+            min_ttl=settings.min_session_ttl_seconds,
+            max_ttl=settings.max_session_ttl_seconds,
+        )
         app.openapi_schema = schema
     return app.openapi_schema
 

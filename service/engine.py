@@ -30,6 +30,7 @@ import numpy as np
 from service.batching import BatcherClosed
 from service.errors import APIError
 from service.metrics import Metrics
+from service.ratelimit import RateLimits
 from service.registry import ModelRegistry, ServedModel
 from service.sessions import labels as slots
 from service.sessions.codec import RecordFormatError
@@ -62,6 +63,7 @@ class SessionEngine:
         self.inflight = 0
         key = settings.snapshot_key
         self.snapshot_key = key.get_secret_value().encode() if key is not None else secrets.token_bytes(32)
+        self.rate_limits = RateLimits(settings, store, metrics)
 
     # ------------------------------------------------------------------ helpers
 
@@ -134,16 +136,23 @@ class SessionEngine:
         owner: str = "",
         session_id: str | None = None,
         snapshot: bytes | None = None,
+        client: str = "",
     ) -> SessionRecord:
-        """A new session: a fresh episode of ``model``, or what ``snapshot`` holds (its model, a new ID, this owner)."""
+        """A new session: a fresh episode of ``model``, or what ``snapshot`` holds (its model, a new ID, this owner).
+        ``client``: the caller's address, whom the session-create rate limit counts when there are no API keys."""
         if self.draining:
             raise unavailable("the server is shutting down")
+        await self.rate_limits.charge("sessions", owner, client)
         restored = self._restorable(snapshot, model) if snapshot is not None else None
         served = self.served(model if restored is None else restored.model)
-        ttl = ttl_seconds or self.settings.session_ttl_seconds
+        ttl = self.settings.session_ttl_seconds if ttl_seconds is None else ttl_seconds
         if ttl > self.settings.max_session_ttl_seconds:
             raise APIError(
                 422, "invalid_request", f"ttl_seconds may be at most {self.settings.max_session_ttl_seconds:g}"
+            )
+        if ttl < self.settings.min_session_ttl_seconds:
+            raise APIError(
+                422, "invalid_request", f"ttl_seconds must be at least {self.settings.min_session_ttl_seconds:g}"
             )
         record = SessionRecord(
             session_id=session_id or new_session_id(),
@@ -226,10 +235,12 @@ class SessionEngine:
         )
         return encode_snapshot(content, self.snapshot_key)
 
-    async def predict(self, session_id: str, images: list[np.ndarray], owner: str = "") -> dict:
-        """Each image classified as the session's next step without a label; the session is left as it was."""
+    async def predict(self, session_id: str, images: list[np.ndarray], owner: str = "", client: str = "") -> dict:
+        """Each image classified as the session's next step without a label; the session is left as it was.
+        Each image counts as a step against the caller's step rate limit."""
         if self.draining:
             raise unavailable("the server is shutting down")
+        await self.rate_limits.charge("steps", owner, client, len(images), too_costly="too_many_images")
         record = await self.load(session_id, owner)
         served = self.served_for(record)
         try:
@@ -273,10 +284,24 @@ class SessionEngine:
                     return fresh
         raise unavailable("the session changed under this request too many times; retry")
 
-    async def step(self, session_id: str, inputs: list[StepInput], digest: str, owner: str = "") -> list[dict]:
-        """Apply ``inputs`` in order as one atomic change of the session; returns one result per step."""
+    async def step(
+        self,
+        session_id: str,
+        inputs: list[StepInput],
+        digest: str,
+        owner: str = "",
+        client: str = "",
+        rate_limited: bool = True,
+    ) -> list[dict]:
+        """Apply ``inputs`` in order as one atomic change of the session; returns one result per step.
+
+        The steps count against the caller's step rate limit first, unless ``rate_limited`` is false:
+        a transport that sends the same step again (/v2, after a race on the sequence) has counted it.
+        """
         if self.draining:
             raise unavailable("the server is shutting down")
+        if rate_limited:
+            await self.rate_limits.charge("steps", owner, client, len(inputs))
         self.inflight += 1
         try:
             async with self._session_lock(session_id):

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 # The scope key where an error answer leaves its code, for the request middleware to count
@@ -105,6 +106,24 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "invalid_request", _describe(list(exc.errors())))
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405, which must list the methods the resource supports (RFC 9110,
+    15.5.6). Starlette's own names only the methods of the first route whose path matched, half the
+    story for a path that two routes serve (``GET`` and ``DELETE /v1/sessions/{id}``); so each method
+    is tried against the app's routes, through their public ``matches``, which sees into included
+    routers as routing does."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, FastAPI's own included, leaves in the one shape."""
 
@@ -118,9 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code, status_code_name(exc.status_code), str(exc.detail), getattr(exc, "headers", None)
-        )
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return error_response(exc.status_code, status_code_name(exc.status_code), str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

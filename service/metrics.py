@@ -41,6 +41,9 @@ class Metrics:
             "ntm_predictions", "Images classified read-only (predict)", ["model"], registry=self.registry
         )
         self.errors = Counter("ntm_errors", "Error responses by code", ["code"], registry=self.registry)
+        self.rate_limited = Counter(
+            "ntm_rate_limited", "Requests refused over a rate limit (429), by limit", ["limit"], registry=self.registry
+        )
 
     def batch_observer(self, model: str):
         def observe(size: int, wait: float, compute: float) -> None:

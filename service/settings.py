@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,13 +33,21 @@ class Settings(BaseSettings):
     )
     store: str = Field("memory://", description="memory:// or redis://host:port/db (rediss:// for TLS)")
     redis_prefix: str = Field("ntm:", description="key prefix for the Redis store")
-    redis_timeout_seconds: float = Field(1.0, gt=0, description="bound on each Redis operation")
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, description="bound on each Redis operation, retries of a broken connection included"
+    )
     device: str = Field("cpu", description="cpu, cuda or auto")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_seconds: float = Field(
         7 * 24 * 3600.0, gt=0, description="the longest ttl_seconds a client may ask for"
+    )
+    min_session_ttl_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="the shortest ttl_seconds a client may ask for: a session that expires before its "
+        "creator's next request can reach it is of no use",
     )
     max_sessions: int = Field(
         100_000, ge=1, description="live sessions the store holds (with Redis: across all replicas); more -> 503"
@@ -78,6 +86,20 @@ class Settings(BaseSettings):
     max_steps_per_session: int = Field(
         1_000_000, ge=1, description="steps one session may take before it must be reset"
     )
+    rate_limit_steps: str | None = Field(
+        None,
+        description="steps per API key (per client address with no keys), as the limits library writes it: "
+        "'50/second', '1000/hour'; a batch of N steps or a prediction of N images counts N; unset: no limit",
+    )
+    rate_limit_sessions: str | None = Field(
+        None, description="session creates per API key (per client address with no keys), e.g. '20/minute'"
+    )
+    rate_limit_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = Field(
+        "moving-window",
+        description="how the limits library counts: moving-window is exact and keeps an entry per unit of the "
+        "limit; fixed-window and sliding-window-counter keep counters (fixed: bursts up to twice the limit "
+        "across a window's edge; sliding: an estimate)",
+    )
 
     log_level: str = Field("info", description="debug, info, warning or error (JSON logs on stderr)")
     access_log: bool = True
@@ -92,6 +114,22 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit_steps", "rate_limit_sessions")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        """A rate the limits library parses (``limits.parse``), of at least one per window."""
+        if value is None or not value.strip():
+            return None
+        from limits import parse
+
+        try:
+            item = parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit: write it as '50/second' or '1000 per hour'") from None
+        if item.amount < 1:
+            raise ValueError(f"{value!r} allows nothing: a rate limit allows at least 1 per window")
         return value
 
     @field_validator("models", mode="before")
@@ -115,6 +153,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"session_ttl_seconds ({self.session_ttl_seconds:g}) is over max_session_ttl_seconds "
                 f"({self.max_session_ttl_seconds:g})"
+            )
+        if self.min_session_ttl_seconds > self.session_ttl_seconds:
+            raise ValueError(
+                f"min_session_ttl_seconds ({self.min_session_ttl_seconds:g}) is over session_ttl_seconds "
+                f"({self.session_ttl_seconds:g})"
             )
         return self
 

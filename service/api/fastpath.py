@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import SESSION_ID_MAX_LENGTH, router, run_steps
+from service.ratelimit import client_address
 
 PREFIX, SUFFIX = "/v1/sessions/", "/steps"
 STEPS_ROUTE_PATH = PREFIX + "{session_id}" + SUFFIX
@@ -72,7 +73,7 @@ class StepRoute:
         session_id = scope["path_params"]["session_id"]  # set by StepDispatch, as routing sets it
         owner = scope.get("state", {}).get("owner", "")
         try:
-            result = await run_steps(self.api.state.engine, owner, session_id, raw)
+            result = await run_steps(self.api.state.engine, owner, session_id, raw, client_address(scope))
         except Exception as exc:  # nothing is sent yet: run_steps answers nothing itself
             handler = self._handler_for(exc)
             response = await handler(Request(scope, receive), exc)

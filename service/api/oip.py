@@ -308,8 +308,10 @@ def by_label(probabilities: list[float], labels: list[Any], num_ways: int) -> li
 # ----------------------------------------------------------------------------------- sequences (SEQ)
 
 
-async def open_sequence(engine: SessionEngine, session_id: str, model: str, owner: str) -> SessionRecord:
-    """sequence_start: a fresh episode under this ID, replacing a live one."""
+async def open_sequence(
+    engine: SessionEngine, session_id: str, model: str, owner: str, client: str = ""
+) -> SessionRecord:
+    """sequence_start: a fresh episode under this ID, replacing a live one (a new one counts as a session create)."""
     for _ in range(2):  # a racing sequence_start may create it between our reset and create
         try:
             return await engine.reset(session_id, owner)
@@ -317,14 +319,14 @@ async def open_sequence(engine: SessionEngine, session_id: str, model: str, owne
             if exc.code != "session_not_found":
                 raise
         try:
-            return await engine.create(model, None, owner, session_id)
+            return await engine.create(model, None, owner, session_id, client=client)
         except SessionExists:
             continue
     raise unavailable("the sequence is being started by another request; retry")
 
 
 async def step_in_order(
-    engine: SessionEngine, record: SessionRecord, step: StepInput, owner: str
+    engine: SessionEngine, record: SessionRecord, step: StepInput, owner: str, client: str = ""
 ) -> tuple[dict, list[Any]]:
     """One step after those already applied; returns its result and the labels its prediction saw.
 
@@ -332,10 +334,11 @@ async def step_in_order(
     used; a concurrent request of the sequence that got there first makes it re-read and follow that
     one. Each request gets its own digest: the protocol has no retry identity, so nothing is replayed.
     """
-    for _ in range(ORDER_ATTEMPTS):
+    for attempt in range(ORDER_ATTEMPTS):
         pinned = StepInput(step.image, step.label, record.steps)
         try:
-            results = await engine.step(record.session_id, [pinned], secrets.token_hex(16), owner)
+            digest = secrets.token_hex(16)  # counted against the step rate limit once, on its first attempt
+            results = await engine.step(record.session_id, [pinned], digest, owner, client, rate_limited=attempt == 0)
             return results[0], record.labels
         except APIError as exc:
             if exc.code != "step_conflict":
@@ -409,8 +412,12 @@ def model_metadata(served: ServedModel, engine: SessionEngine) -> dict[str, Any]
 # ----------------------------------------------------------------------------------- inference
 
 
-async def infer(engine: SessionEngine, owner: str, served: ServedModel, request: InferenceRequest) -> InferenceResponse:
-    """OIP "Inference" of one step of a sequence (SEQ), every input checked before the model sees any."""
+async def infer(
+    engine: SessionEngine, owner: str, served: ServedModel, request: InferenceRequest, client: str = ""
+) -> InferenceResponse:
+    """OIP "Inference" of one step of a sequence (SEQ), every input checked before the model sees any.
+
+    ``client`` is the caller's address, which the rate limits count when there are no API keys."""
     sequence = sequence_of(request.parameters, served.name)
     outputs = check_outputs(request.outputs)
     step = await read_inputs(request.inputs, served, engine.settings.max_image_side)
@@ -418,10 +425,10 @@ async def infer(engine: SessionEngine, owner: str, served: ServedModel, request:
     session_id = session_id_of(served.name, sequence.id, owner)
     try:
         if sequence.start:
-            record = await open_sequence(engine, session_id, served.name, owner)
+            record = await open_sequence(engine, session_id, served.name, owner, client)
         else:
             record = await engine.load(session_id, owner)
-        result, labels = await step_in_order(engine, record, step, owner)
+        result, labels = await step_in_order(engine, record, step, owner, client)
     except APIError as exc:
         if exc.code != "session_not_found":
             raise

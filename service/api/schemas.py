@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictFloat,
-    StrictInt,
     StrictStr,
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_LABEL_CHARS = 256  # a label is kept in the session and sent back in every answer
+MAX_JSON_INTEGER = 2**53 - 1  # the largest integer every JSON client reads exactly (RFC 8259, section 6)
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's "integer" is a number without a fraction, ``3.0`` as much as ``3`` (JSON Schema
+    validation, 6.1.1): pydantic's lax ``int`` takes both (and makes ``3``), but also strings and
+    booleans, which the schema's "integer" refuses, so those are refused here first."""
+    if isinstance(value, (str, bool)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def json_int(ge: int = -MAX_JSON_INTEGER, le: int = MAX_JSON_INTEGER) -> Any:
+    """An integer as JSON Schema has it, within [ge, le]. The bounds sit on ``int`` itself, before the
+    validator, so that they reach the schema as "minimum"/"maximum": placed after a function validator,
+    or on a union, pydantic emits them under its own names ("ge"), which are no JSON Schema keywords."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+
+
+JSONInt = json_int()
 
 
 def _short_label(label: str | int) -> str | int:
@@ -27,7 +47,7 @@ def _short_label(label: str | int) -> str | int:
 
 
 Label = Annotated[
-    Annotated[StrictStr, WithJsonSchema({"type": "string", "maxLength": MAX_LABEL_CHARS})] | StrictInt,
+    Annotated[StrictStr, WithJsonSchema({"type": "string", "maxLength": MAX_LABEL_CHARS})] | JSONInt,
     AfterValidator(_short_label),
     Field(description=f"the client's label: a string (at most {MAX_LABEL_CHARS} characters) or an integer"),
 ]
@@ -36,10 +56,24 @@ PixelLevel = Annotated[float, Field(strict=True, ge=0, le=255, allow_inf_nan=Fal
 # base64 in the JSON, decoded by pydantic-core as it parses (ImageIn's val_json_bytes): the
 # standard or the URL-safe alphabet, padding optional, no line breaks, the last character's unused
 # bits zero. service.images names a bad one.
-Base64Data = Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+Base64Data = Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 1})]
 
 EXAMPLE_PIXELS = [[255, 255, 255, 255], [255, 0, 0, 255], [255, 0, 0, 255], [255, 255, 255, 255]]
 EXAMPLE_GRAY8 = {"gray8": base64.b64encode(bytes(sum(EXAMPLE_PIXELS, []))).decode(), "shape": [4, 4]}
+
+
+IMAGE_FIELD_TYPES = {"png": "string", "pixels": "array", "gray8": "string", "shape": "array"}
+
+
+def given(*fields: str) -> dict[str, Any]:
+    """JSON Schema for "each of ``fields`` is present and not null": the validator, like pydantic's
+    defaults, takes an explicit null for an image field as absent, so "present" alone (``required``)
+    would admit a body the validator refuses (``{"gray8": null, "shape": [1, 1]}``)."""
+    return {"required": list(fields), "properties": {f: {"type": IMAGE_FIELD_TYPES[f]} for f in fields}}
+
+
+def given_none_of(*fields: str) -> dict[str, Any]:
+    return {"not": {"anyOf": [given(f) for f in fields]}}
 
 
 class ImageIn(BaseModel):
@@ -50,10 +84,11 @@ class ImageIn(BaseModel):
         val_json_bytes="base64",
         json_schema_extra={
             "examples": [{"pixels": EXAMPLE_PIXELS}, EXAMPLE_GRAY8],
+            # the rule of ``_exactly_one``, null being absent
             "oneOf": [
-                {"required": ["png"], "not": {"anyOf": [{"required": [f]} for f in ("pixels", "gray8", "shape")]}},
-                {"required": ["pixels"], "not": {"anyOf": [{"required": [f]} for f in ("png", "gray8", "shape")]}},
-                {"required": ["gray8", "shape"], "not": {"anyOf": [{"required": [f]} for f in ("png", "pixels")]}},
+                {"allOf": [given("png"), given_none_of("pixels", "gray8", "shape")]},
+                {"allOf": [given("pixels"), given_none_of("png", "gray8", "shape")]},
+                {"allOf": [given("gray8", "shape"), given_none_of("png", "pixels")]},
             ],
         },
     )
@@ -74,7 +109,7 @@ class ImageIn(BaseModel):
         "gray levels, one byte per pixel, row by row "
         "(NumPy: base64.b64encode(image.astype(numpy.uint8).tobytes())); the compact form, cheapest to send and to decode",
     )
-    shape: list[StrictInt] | None = Field(
+    shape: list[JSONInt] | None = Field(
         None,
         min_length=2,
         max_length=2,
@@ -99,8 +134,8 @@ class StepIn(BaseModel):
 
     image: ImageIn
     label: Label | None = Field(None, description="the image's label; omit it for a query")
-    step: StrictInt | None = Field(
-        None, ge=0, description="the step index the client expects (for exactly-once retries)"
+    step: json_int(ge=0) | None = Field(  # type: ignore[valid-type]
+        None, description="the step index the client expects (for exactly-once retries)"
     )
 
 
@@ -120,13 +155,16 @@ class CreateSessionIn(BaseModel):
         None,
         description="base64 (standard or URL-safe) of a GET /v1/sessions/{id}/snapshot answer: the new session "
         "starts as that session was, with a new ID and the caller as owner",
-        json_schema_extra={"contentEncoding": "base64"},
+        json_schema_extra={"contentEncoding": "base64", "minLength": 1},
     )
-    ttl_seconds: StrictFloat | StrictInt | None = Field(
+    # A plain float with its bounds, so that they land in the JSON Schema as standard keywords
+    # (constraints on a union are emitted under pydantic's own names, such as "gt"); the server's
+    # bounds replace them in the OpenAPI document (``document_limits``), and the engine checks them.
+    ttl_seconds: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = Field(
         None,
-        gt=0,
-        description="idle time before the session expires (a step or a reset starts it again); at most the "
-        "server's NTM_MAX_SESSION_TTL_SECONDS, 7 days by default",
+        description="idle time before the session expires (a step or a reset starts it again): at least the "
+        "server's NTM_MIN_SESSION_TTL_SECONDS (1 second by default), at most its NTM_MAX_SESSION_TTL_SECONDS "
+        "(7 days by default)",
     )
 
 
@@ -230,3 +268,18 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+def document_limits(
+    components: dict[str, Any], max_side: int, max_steps: int, max_images: int, min_ttl: float, max_ttl: float
+) -> None:
+    """The server's own limits in the OpenAPI components: a body the schema admits is then one the server
+    takes, as far as JSON Schema can say (not, say, whether a PNG decodes)."""
+    image = components["ImageIn"]["properties"]
+    image["pixels"].update(maxItems=max_side, items={"minItems": 1, "maxItems": max_side})
+    image["shape"]["items"]["maximum"] = max_side
+    components["StepsIn"]["properties"]["steps"]["maxItems"] = max_steps
+    components["PredictIn"]["properties"]["images"]["maxItems"] = max_images
+    ttl = next(s for s in components["CreateSessionIn"]["properties"]["ttl_seconds"]["anyOf"] if s["type"] == "number")
+    ttl.pop("exclusiveMinimum", None)
+    ttl.update(minimum=min_ttl, maximum=max_ttl)

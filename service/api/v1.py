@@ -8,7 +8,7 @@ import hashlib
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
@@ -40,12 +40,13 @@ from service.images import (
     invalid_image,
     pixels_array,
 )
+from service.ratelimit import client_address
 
 SESSION_ID_MAX_LENGTH = 64
 SessionId = Annotated[
     str, Path(min_length=1, max_length=SESSION_ID_MAX_LENGTH, description="the ID from POST /v1/sessions")
 ]
-ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorOut} for code in (404, 409, 413, 422, 429, 503)}
 
 router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
 
@@ -74,13 +75,39 @@ async def list_models(engine: Engine) -> JSONResponse:
     return JSONResponse({"models": [m.describe() for m in engine.registry.models.values()]})
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut, summary="Open a session (a fresh episode)")
-async def create_session(
-    engine: Engine, owner: Owner, body: Annotated[CreateSessionIn | None, Body()] = None
-) -> JSONResponse:
+CREATE_FORM = TypeAdapter(CreateSessionIn | None)
+
+
+@router.post(
+    "/sessions",
+    status_code=201,
+    response_model=SessionOut,
+    summary="Open a session (a fresh episode)",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/json": {
+                    "schema": {"anyOf": [{"$ref": "#/components/schemas/CreateSessionIn"}, {"type": "null"}]}
+                }
+            },
+        }
+    },
+)
+async def create_session(request: Request, engine: Engine, owner: Owner) -> JSONResponse:
+    """The body is validated here, from the raw bytes, as the step and predict routes do: a body that is
+    not JSON (not even UTF-8) is then a 422 like any other invalid body, where FastAPI's own body
+    parsing would answer it with an undocumented 400."""
+    raw_body = await request.body()
+    try:
+        body = CREATE_FORM.validate_json(raw_body) if raw_body.strip() else None
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     body = body or CreateSessionIn()
     snapshot = None if body.snapshot is None else decode_snapshot_field(body.snapshot)
-    record = await engine.create(body.model, body.ttl_seconds, owner, snapshot=snapshot)
+    record = await engine.create(
+        body.model, body.ttl_seconds, owner, snapshot=snapshot, client=client_address(request.scope)
+    )
     served = engine.served(record.model)
     return JSONResponse(
         {
@@ -136,7 +163,8 @@ STEP_BODY_DOC = {
 )
 async def post_steps(session_id: SessionId, request: Request) -> JSONResponse:
     """Documents the step route; requests are answered by ``service.api.fastpath`` (see ``run_steps``)."""
-    result = await run_steps(request.app.state.engine, get_owner(request), session_id, await request.body())
+    engine, owner, client = request.app.state.engine, get_owner(request), client_address(request.scope)
+    result = await run_steps(engine, owner, session_id, await request.body(), client)
     return JSONResponse(result)
 
 
@@ -163,8 +191,8 @@ def parse_step_request(raw_body: bytes) -> StepIn | StepsIn:
     raise_body_error(failed[is_batch])
 
 
-async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes) -> dict:
-    """The step route's work, from the raw JSON body to the response body.
+async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes, client: str = "") -> dict:
+    """The step route's work, from the raw JSON body to the response body (``client``: the caller's address).
 
     The body is parsed and validated in one pass (pydantic-core); the images are decoded and
     preprocessed before the session is touched, so bad input never reaches the model. The
@@ -189,7 +217,7 @@ async def run_steps(engine: SessionEngine, owner: str, session_id: str, raw_body
         digest.update(f"{item.label!r}|{png}|{gray.shape}|".encode())
         update_digest(digest, gray.tobytes())
         inputs.append(StepInput(fit_size(gray, image_size), item.label, item.step))
-    results = await engine.step(session_id, inputs, digest.hexdigest(), owner)
+    results = await engine.step(session_id, inputs, digest.hexdigest(), owner, client)
     return {"results": results} if batch else results[0]
 
 
@@ -244,7 +272,7 @@ async def predict(session_id: SessionId, request: Request, engine: Engine, owner
         )
         for image in body.images
     ]
-    return JSONResponse(await engine.predict(session_id, grays, owner))
+    return JSONResponse(await engine.predict(session_id, grays, owner, client_address(request.scope)))
 
 
 PREPROCESS_FORM = TypeAdapter(PreprocessIn)

@@ -28,6 +28,7 @@ from service.api import oip
 from service.api.oip import ProtocolError, bad
 from service.api.v1 import get_engine, get_owner
 from service.errors import APIError, is_protocol_path, v2_error_response
+from service.ratelimit import client_address
 from service.registry import ServedModel
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # BIN "HTTP/REST"
@@ -225,7 +226,7 @@ async def infer(request: Request, name: str) -> Response:
         infer_request.id,
         [oip.RequestedOutput(o.name, o.parameters) for o in infer_request.outputs or []] or None,
     )
-    answer = await oip.infer(engine, owner, served, core_request)
+    answer = await oip.infer(engine, owner, served, core_request, client_address(request.scope))
     return inference_response(answer, outputs)
 
 

@@ -23,6 +23,7 @@ from tests.servers import ServerProcess
 
 MAX_BODY_BYTES = 1024 * 1024  # room for a 513x513 pixel array (about 0.5 MB), so that it meets the image check
 MAX_STEPS_PER_REQUEST = 16
+MIN_SESSION_TTL_SECONDS = 0.1  # the expiry tests wait out sessions of 0.2 s (the service's own minimum is 1 s)
 NUM_WAYS = 5
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{22}"
 ISO_PATTERN = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"
@@ -38,6 +39,7 @@ def api_settings(tiny_checkpoint: Path, **overrides: Any) -> Settings:
         "store": "memory://",
         "max_body_bytes": MAX_BODY_BYTES,
         "max_steps_per_request": MAX_STEPS_PER_REQUEST,
+        "min_session_ttl_seconds": MIN_SESSION_TTL_SECONDS,
         "access_log": False,
     }
     values.update(overrides)
@@ -73,6 +75,7 @@ def start_uvicorn(tiny_checkpoint: Path, log_path: Path) -> ServerProcess:
         "NTM_ACCESS_LOG": "false",
         "NTM_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         "NTM_MAX_STEPS_PER_REQUEST": str(MAX_STEPS_PER_REQUEST),
+        "NTM_MIN_SESSION_TTL_SECONDS": str(MIN_SESSION_TTL_SECONDS),
     }
     # log level info: the log then shows the lifespan's "ready" and "stopped"
     return ServerProcess(env, log_path=log_path, log_level="info").wait_ready()

@@ -29,6 +29,13 @@ def test_the_default_ttl_may_not_pass_the_longest() -> None:
     assert describe_settings_error(caught.value) == "session_ttl_seconds (120) is over max_session_ttl_seconds (60)"
 
 
+def test_the_shortest_ttl_may_not_pass_the_default() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(session_ttl_seconds=30, min_session_ttl_seconds=60)
+    assert describe_settings_error(caught.value) == "min_session_ttl_seconds (60) is over session_ttl_seconds (30)"
+    assert Settings().min_session_ttl_seconds == 1.0
+
+
 def test_errors_name_the_environment_variable() -> None:
     with pytest.raises(ValidationError) as caught:
         Settings(port=70000)

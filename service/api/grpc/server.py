@@ -211,9 +211,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         trailers = (("retry-after", failure.retry_after),) if failure.retry_after else ()
         await context.abort(failure.code, failure.message, trailers)  # raises: the call ends with the status
 
-    async def infer_one(self, message: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
+    async def infer_one(self, message: pb.ModelInferRequest, owner: str, client: str = "") -> pb.ModelInferResponse:
         served = oip.served_model(self.engine, message.model_name, message.model_version)
-        answer = await oip.infer(self.engine, owner, served, inference_request(message))
+        answer = await oip.infer(self.engine, owner, served, inference_request(message), client)
         return inference_response(answer)
 
     # ------------------------------------------------------------------ OIP health and metadata
@@ -294,7 +294,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """OIP "Inference" of one step of a sequence, as /v2 REST's infer."""
 
         async def answer(owner: str) -> pb.ModelInferResponse:
-            return await self.infer_one(request, owner)
+            return await self.infer_one(request, owner, peer_address(context))
 
         return await self.unary("ModelInfer", context, answer)
 
@@ -310,12 +310,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         was never applied, so the client can resend it elsewhere.
         """
         try:
-            owner = self.owner(context)
+            owner, client = self.owner(context), peer_address(context)
         except Failure as failure:
             self.observe("ModelStreamInfer", time.perf_counter(), failure)
             await context.abort(failure.code, failure.message)
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_stream(request_iterator, owner, responses))
+        reader = asyncio.create_task(self._read_stream(request_iterator, owner, client, responses))
         try:
             while (response := await responses.get()) is not None:
                 yield response
@@ -329,6 +329,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
         owner: str,
+        client: str,
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> bool:
         """Read until the client half-closes or the server drains (then True); every request read is answered."""
@@ -350,7 +351,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 except StopAsyncIteration:
                     break
                 key = sequence_key(message)
-                task = asyncio.create_task(self._answer_in_turn(message, owner, last.get(key), responses))
+                task = asyncio.create_task(self._answer_in_turn(message, owner, client, last.get(key), responses))
                 last[key] = task
                 running.add(task)
                 self.steps.add(task)  # a request read is answered even if the client has gone meanwhile
@@ -368,6 +369,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self,
         message: pb.ModelInferRequest,
         owner: str,
+        client: str,
         before: asyncio.Task[None] | None,
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> None:
@@ -376,7 +378,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.wait((before,))
         started, failure = time.perf_counter(), None
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.infer_one(message, owner))
+            response = pb.ModelStreamInferResponse(infer_response=await self.infer_one(message, owner, client))
         except Exception as exc:
             failure = failure_of(exc)
             response = pb.ModelStreamInferResponse(error_message=failure.message)
@@ -482,3 +484,12 @@ async def start_grpc_server(settings: Settings, engine: SessionEngine, metrics: 
     running.poller = asyncio.create_task(health.poll())
     log.info("gRPC listening", extra={"fields": {"address": address}})
     return running
+
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's host from gRPC's peer string (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``), which the rate
+    limits count when there are no API keys, as ``ratelimit.client_address`` is for HTTP."""
+    kind, _, rest = (context.peer() or "").partition(":")
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[")
+    return rest.rpartition(":")[0] if kind == "ipv4" else rest
