@@ -77,7 +77,7 @@ def _repair_step(step: Any) -> None:
 
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
-    """Content the server can take, in schema-valid bodies of the create, step and predict routes."""
+    """Content the server can take, in schema-valid bodies of the create, step, predict and preprocess routes."""
     meta, body = case.meta, case.body
     if meta is None or not meta.generation.mode.is_positive or not isinstance(body, dict):
         return case
@@ -88,6 +88,10 @@ def map_case(context: Any, case: Any) -> Any:
     elif path.endswith("/predict") and isinstance(body.get("images"), list):
         for image in body["images"]:
             _repair_image(image)
+    elif path == "/v1/preprocess":
+        _repair_image(body.get("image"))
+        if isinstance(body.get("model"), str):
+            body["model"] = os.environ["CONFORMANCE_MODEL"]
     elif path == "/v1/sessions":
         if isinstance(body.get("snapshot"), str):
             body["snapshot"] = os.environ["CONFORMANCE_SNAPSHOT"]
