@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.common import markdown_table, median, percentile, pin_process, write_json
 from bench.http import server_env
-from bench.loadgen import LoadResult, generate_load, http_request
+from bench.loadgen import LoadResult, generate_load, http_request, run_in_child
 from tests.servers import ServerProcess
 
 TRANSPORTS = ("grpc-unary", "grpc-stream", "v2-rest", "v1")
@@ -178,13 +178,7 @@ def generate_grpc_load(
     target: str, mode: str, model: str, sequences: list[int], seconds: float, cpu: int | None
 ) -> LoadResult:
     """gRPC load in a fresh process (pinned to ``cpu``), so that no gRPC state crosses a fork."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_grpc_child, args=(results, cpu, (target, mode, model, sequences, seconds)))
-    process.start()
-    result = results.get(timeout=seconds + 120)
-    process.join()
-    return result
+    return run_in_child(_grpc_child, (target, mode, model, sequences, seconds), cpu, seconds, start="spawn")
 
 
 # ----------------------------------------------------------------------------------- the run

@@ -92,9 +92,15 @@ def generate_load(
     host: str, port: int, connections: int, factory: RequestFactory, seconds: float, cpu: int | None = None
 ) -> LoadResult:
     """Run the load in a separate process (pinned to ``cpu`` when given) and return its result."""
-    context = multiprocessing.get_context("fork")
+    return run_in_child(_child, (host, port, connections, factory, seconds), cpu, seconds)
+
+
+def run_in_child(target: Callable, args: tuple, cpu: int | None, seconds: float, start: str = "fork") -> LoadResult:
+    """``target(queue, cpu, args)`` in a process of its own (``start``: the multiprocessing start method),
+    which puts its ``LoadResult`` on the queue; waits for it at most 2 minutes past the load's ``seconds``."""
+    context = multiprocessing.get_context(start)
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, cpu, (host, port, connections, factory, seconds)))
+    process = context.Process(target=target, args=(queue, cpu, args))
     process.start()
     result = queue.get(timeout=seconds + 120)
     process.join()

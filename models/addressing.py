@@ -144,12 +144,12 @@ def keyed_weighting(
     query: torch.Tensor,
     beta: torch.Tensor,
     null_score: torch.Tensor,
-    row_offset: torch.Tensor,
+    row_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A soft nearest-neighbour read: softmax over the stored rows' -beta ||q - k_i||^2 - o_i and a "none" score.
 
     keys [B, N, D], present [B, N] bool (rows holding a labeled drawing), query [B, D],
-    beta [B, 1] (> 0), null_score [B, 1], row_offset [B, N] -> (w [B, N], w_null [B]). Rows
+    beta [B, 1] (> 0), null_score [B, 1], row_offset [B, N] or None (no offset) -> (w [B, N], w_null [B]). Rows
     not present get no weight; the "none" entry takes the mass that no stored drawing
     explains, so a query far from every row reads mostly nothing. With o_i = log n_c(i) (n_c:
     the drawings stored for row i's class) a class's mass is the mean of its rows' kernels, a
@@ -158,6 +158,7 @@ def keyed_weighting(
     network's softmax (Snell et al. 2017, eq. 2) with a novelty option.
     """
     distances = (keys - query.unsqueeze(1)).square().sum(-1)
-    scores = (-beta * distances - row_offset).masked_fill(~present, float("-inf"))
+    scores = -beta * distances if row_offset is None else -beta * distances - row_offset
+    scores = scores.masked_fill(~present, float("-inf"))
     weights = torch.softmax(torch.cat([scores, null_score], dim=-1), dim=-1)
     return weights[:, :-1], weights[:, -1]

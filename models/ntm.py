@@ -296,9 +296,7 @@ class NTM(nn.Module):
         counts = labels.sum(1)  # [B, K] drawings stored per slot
         if cfg.addressing == "prototype":
             prototypes = torch.bmm(labels.transpose(1, 2), keys) / counts.clamp_min(1).unsqueeze(-1)  # [B, K, D]
-            class_weight, none_weight = addressing.keyed_weighting(
-                prototypes, counts > 0.5, query, beta, none_score, torch.zeros_like(counts)
-            )
+            class_weight, none_weight = addressing.keyed_weighting(prototypes, counts > 0.5, query, beta, none_score)
             read = torch.cat([torch.bmm(class_weight.unsqueeze(1), prototypes).squeeze(1), class_weight], dim=-1)
             read_weight = torch.bmm(labels, (class_weight / counts.clamp_min(1)).unsqueeze(-1)).squeeze(-1)
         else:
