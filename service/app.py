@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
@@ -27,6 +28,10 @@ from service.registry import ModelRegistry
 from service.sessions.memory import MemoryStore
 from service.sessions.store import SessionStore
 from service.settings import Settings
+from service.tracing import tracer_of, tracer_provider_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 DRAIN_SECONDS = 30.0
 GC_THRESHOLDS = (20_000, 50, 100)  # collections per allocation count: young, middle, old generation
@@ -77,9 +82,14 @@ async def _sweep(engine: SessionEngine, interval: float) -> None:
                 log.info("swept expired sessions", extra={"fields": {"removed": removed}})
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The service's app. ``tracer_provider``: where its spans go; by default the ``OTEL_*`` variables say
+    (``service.tracing``), and with no OTLP endpoint set nothing is traced."""
     settings = settings or Settings()
     metrics = Metrics()
+    owns_provider = tracer_provider is None
+    provider = tracer_provider_from_env() if owns_provider else tracer_provider
+    tracer = tracer_of(provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,16 +102,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_wait_ms / 1000,
             metrics.batch_observer,
             settings.model_thread_nice,
+            tracer,
         )
         store = open_store(settings)
-        engine = SessionEngine(settings, registry, store, metrics)
+        engine = SessionEngine(settings, registry, store, metrics, tracer)
         app.state.engine = engine
         grpc_server = None
         if settings.grpc_port:
             # imported only here: its stubs and tritonclient.grpc's cannot share a process (service.api.grpc)
             from service.api.grpc.server import start_grpc_server
 
-            grpc_server = await start_grpc_server(settings, engine, metrics, app.version)
+            grpc_server = await start_grpc_server(settings, engine, metrics, app.version, provider)
         sweeper = asyncio.create_task(_sweep(engine, settings.sweep_interval_seconds))
         log.info("ready", extra={"fields": {"models": list(registry.models), "store": settings.store.split("@")[-1]}})
         try:
@@ -121,6 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(registry.close)  # waits for the model threads: off the event loop
             await engine.rate_limits.close()
             await store.close()
+            if provider is not None:  # the spans still queued leave before the process does
+                await asyncio.to_thread(provider.shutdown if owns_provider else provider.force_flush)
             log.info("stopped")
 
     app = ServiceAPI(
@@ -136,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tracer_provider = provider  # ServiceAPI puts the request span in front of both stacks
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_step_schemas(app)
     v2.install_error_handlers(app)

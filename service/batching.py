@@ -22,6 +22,10 @@ A lone client adds no latency: when the previous model call held a single step, 
 runs what it has at once. Under concurrent load it waits up to ``max_wait`` for new jobs
 before a batch of fresh jobs, and never while jobs are under way.
 
+With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
+every model call it takes part in, and its request, once woken, turns them into its
+``batcher.queue_wait`` and ``model.call`` spans.
+
 The worker thread can run at a lower priority than the event loop (``nice``, Linux only).
 Where the two share a core, the loop then answers, parses and queues what has arrived
 before the model takes the core back, so model calls run fuller batches; and when the loop
@@ -44,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,6 +56,9 @@ import torch
 from models import NTM, NTMState, PackedState
 from models.data.preprocess import ink
 from service.logs import log
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 PRECOMPUTE_CHUNK = 256  # images per encoder call: its activations stay in cache (3 MB for the conv encoder)
 
@@ -66,6 +74,7 @@ class _Job:
     inputs: tuple[torch.Tensor, ...] = ()  # T controller pre-activations [4*hidden], made when the job joins
     probabilities: list[list[float]] = field(default_factory=list)
     predict: bool = False  # every image is a next step from ``state``: T rows of one call, no state back
+    calls: list[tuple[int, int, int]] | None = None  # traced jobs: (start ns, end ns, batch rows) of each model call
 
     @property
     def rows(self) -> int:
@@ -92,8 +101,9 @@ class MicroBatcher:
         observe: Callable[[int, float, float], None] | None = None,
         name: str = "model",
         nice: int = 0,
+        tracer: Tracer | None = None,
     ) -> None:
-        self.model = model
+        self.model, self.name, self.tracer = model, name, tracer
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -111,9 +121,8 @@ class MicroBatcher:
         if self._closed:
             raise BatcherClosed("the model is shutting down")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Job(state, images, label_slots, future, loop, time.perf_counter()))
-        return await future
+        job = _Job(state, images, label_slots, loop.create_future(), loop, time.perf_counter())
+        return await self._submit(job)
 
     async def predict(self, state: PackedState, images: list[np.ndarray], label_slot: int) -> list[list[float]]:
         """Each image as the next step from ``state`` with label input ``label_slot``: its probabilities.
@@ -126,10 +135,31 @@ class MicroBatcher:
         if self._closed:
             raise BatcherClosed("the model is shutting down")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        job = _Job(state, images, [label_slot] * len(images), future, loop, time.perf_counter(), predict=True)
+        job = _Job(
+            state, images, [label_slot] * len(images), loop.create_future(), loop, time.perf_counter(), predict=True
+        )
+        return await self._submit(job)
+
+    async def _submit(self, job: _Job):
+        """Queue ``job`` and wait for its outcome; with a tracer, its queue wait and model calls become spans."""
+        if self.tracer is None:
+            self._queue.put(job)
+            return await job.future
+        job.calls, queued = [], time.time_ns()
         self._queue.put(job)
-        return await future
+        try:
+            return await job.future
+        finally:
+            self._trace(job, queued)
+
+    def _trace(self, job: _Job, queued: int) -> None:
+        """The job's ``batcher.queue_wait`` and ``model.call`` spans, children of the request's current span."""
+        calls = job.calls or []
+        wait = self.tracer.start_span("batcher.queue_wait", start_time=queued, attributes={"ntm.model": self.name})
+        wait.end(end_time=calls[0][0] if calls else time.time_ns())
+        for start, end, rows in calls:
+            attributes = {"ntm.model": self.name, "ntm.batch_size": rows, "ntm.job_rows": job.rows}
+            self.tracer.start_span("model.call", start_time=start, attributes=attributes).end(end_time=end)
 
     async def step(self, state: PackedState, image: np.ndarray, label_slot: int) -> tuple[list[float], PackedState]:
         """One step of one session: (num_ways probabilities, new state)."""
@@ -200,7 +230,7 @@ class MicroBatcher:
         per image, all from its one state, and finishes in the call it joins: its rows' new
         states are dropped.
         """
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns() if self.tracer is not None else 0
         carried = 0 if self._carry is None else self._carry.batch_size
         joined = active[carried:]
         wait = started - min(job.enqueued for job in joined) if joined else 0.0
@@ -245,6 +275,11 @@ class MicroBatcher:
             self._carry = None if not keep else new_states if unchanged else new_states.select(keep)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining, self._carry = [(job, exc) for job in active], [], None
+        if self.tracer is not None:
+            call = (started_ns, time.time_ns(), sum(job.rows for job in active))
+            for job in active:
+                if job.calls is not None:
+                    job.calls.append(call)
         if self._observe is not None:
             try:
                 self._observe(sum(job.rows for job in active), wait, time.perf_counter() - started)

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from service.sessions.codec import RecordFormatError
 from service.sessions.snapshot import SnapshotContent, SnapshotError, decode_snapshot, encode_snapshot
 from service.sessions.store import OwnerLimit, SessionRecord, SessionStore, StoreFull, StoreUnavailable, new_session_id
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 COMMIT_ATTEMPTS = 64  # compare-and-set retries when other replicas keep winning the race
 CONFLICT_BACKOFF_SECONDS = 0.002
@@ -56,8 +60,17 @@ def unavailable(message: str) -> APIError:
 
 
 class SessionEngine:
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        store: SessionStore,
+        metrics: Metrics,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.settings, self.registry, self.store, self.metrics = settings, registry, store, metrics
+        self.tracer = tracer  # service.tracing: a span per store call when set
+        self._store_system = type(store).__name__.removesuffix("Store").lower()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.draining = False
         self.inflight = 0
@@ -81,9 +94,14 @@ class SessionEngine:
             else:
                 self._locks[session_id] = (lock, users - 1)
 
-    async def _store_call(self, awaitable):
+    async def _store_call(self, operation: str, awaitable):
+        """Await a store call; an unreachable store is the API's 503. Traced: a ``store.<operation>`` span."""
         try:
-            return await awaitable
+            if self.tracer is None:
+                return await awaitable
+            attributes = {"db.system.name": self._store_system, "db.operation.name": operation}
+            with self.tracer.start_as_current_span(f"store.{operation}", attributes=attributes):
+                return await awaitable
         except StoreUnavailable:
             raise unavailable("the session store is unavailable; retry shortly") from None
 
@@ -105,7 +123,7 @@ class SessionEngine:
 
     async def load(self, session_id: str, owner: str = "") -> SessionRecord:
         try:
-            record = await self._store_call(self.store.get(session_id))
+            record = await self._store_call("get", self.store.get(session_id))
         except RecordFormatError:
             raise APIError(
                 409,
@@ -175,10 +193,11 @@ class SessionEngine:
             )
         try:
             await self._store_call(
+                "create",
                 # owner "" means no API keys are configured: then only the store's own limit applies
                 self.store.create(
                     record, self.settings.max_sessions, self.settings.max_sessions_per_key if owner else None
-                )
+                ),
             )
         except OwnerLimit:
             raise APIError(
@@ -253,7 +272,7 @@ class SessionEngine:
 
     async def delete(self, session_id: str, owner: str = "") -> None:
         await self.load(session_id, owner)
-        await self._store_call(self.store.delete(session_id, owner))
+        await self._store_call("delete", self.store.delete(session_id, owner))
 
     async def reset(self, session_id: str, owner: str = "") -> SessionRecord:
         async with self._session_lock(session_id):
@@ -280,7 +299,7 @@ class SessionEngine:
                     last_request_start=-1,
                     last_response=None,
                 ).touched()
-                if await self._store_call(self.store.commit(fresh, record.version)):
+                if await self._store_call("commit", self.store.commit(fresh, record.version)):
                     return fresh
         raise unavailable("the session changed under this request too many times; retry")
 
@@ -318,7 +337,7 @@ class SessionEngine:
                             steps=record.steps,
                         )
                     new_record, results = await self._apply(record, inputs, digest)
-                    if await self._store_call(self.store.commit(new_record, record.version)):
+                    if await self._store_call("commit", self.store.commit(new_record, record.version)):
                         self.metrics.steps.labels(record.model).inc(len(inputs))
                         return results
                     await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_SECONDS))

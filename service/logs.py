@@ -1,4 +1,5 @@
-"""JSON logs, one object per line, each with the request ID of the request it belongs to."""
+"""JSON logs, one object per line, each with the request ID of the request it belongs to, and within a traced
+request its trace and span IDs (``service.tracing``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import sys
 import time
+
+from service.tracing import log_context
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -19,6 +22,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or request_id.get(),
+            **log_context(),
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from models import NTM, PackedState, load_checkpoint
 from models.checkpoint import resolve_device
 from service.batching import MicroBatcher
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 
 @dataclass
@@ -62,6 +66,7 @@ class ModelRegistry:
         max_wait: float,
         observer_for: Callable[[str], Callable[[int, float, float], None]] | None = None,
         nice: int = 0,
+        tracer: Tracer | None = None,
     ) -> ModelRegistry:
         if not paths:
             raise ValueError("no model to serve: give at least one checkpoint directory")
@@ -73,7 +78,7 @@ class ModelRegistry:
             with torch.inference_mode():
                 initial = model.initial_state(1).sessions()[0]
             observe = observer_for(name) if observer_for is not None else None
-            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice)
+            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice, tracer)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
 

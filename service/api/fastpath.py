@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import SESSION_ID_MAX_LENGTH, router, run_steps
 from service.ratelimit import client_address
+from service.tracing import traced_asgi
 
 PREFIX, SUFFIX = "/v1/sessions/", "/steps"
 STEPS_ROUTE_PATH = PREFIX + "{session_id}" + SUFFIX
@@ -118,10 +119,13 @@ class StepDispatch:
 
 
 class ServiceAPI(FastAPI):
-    """FastAPI, with the step route's own short stack in front (see the module docstring)."""
+    """FastAPI, with the step route's own short stack in front (see the module docstring), and with tracing on,
+    OpenTelemetry's request span in front of both (``service.tracing``)."""
 
     def build_middleware_stack(self) -> ASGIApp:
         fast: ASGIApp = StepRoute(self)
         for cls, args, kwargs in reversed(self.user_middleware):
             fast = cls(fast, *args, **kwargs)
-        return StepDispatch(super().build_middleware_stack(), fast, self)
+        stack = StepDispatch(super().build_middleware_stack(), fast, self)
+        provider = getattr(self.state, "tracer_provider", None)
+        return stack if provider is None else traced_asgi(stack, provider)

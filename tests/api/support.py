@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image
 
 from models import NTM
@@ -47,9 +48,11 @@ def api_settings(tiny_checkpoint: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def running_app(
+    settings: Settings, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An in-process app with its lifespan running, and a client over the ASGI transport."""
-    app = create_app(settings)
+    app = create_app(settings, tracer_provider)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),

@@ -450,20 +450,30 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc_server(settings: Settings, engine: SessionEngine, metrics: Metrics, version: str) -> GRPCServer:
+async def start_grpc_server(
+    settings: Settings, engine: SessionEngine, metrics: Metrics, version: str, tracer_provider: object = None
+) -> GRPCServer:
     """The gRPC server on ``settings.host``:``settings.grpc_port``, listening; a port it cannot bind stops start-up.
 
+    With a ``tracer_provider`` (``service.tracing``), each call of the inference service is a server span
+    (``opentelemetry-instrumentation-grpc``); health checks and reflection are not traced.
     Messages are limited as HTTP bodies are (NTM_MAX_BODY_BYTES). Several uvicorn workers share the port
     (SO_REUSEPORT: the kernel spreads connections over them); one worker binds it alone, so a port in use
     is an error rather than a silent share with another process.
     """
     from service.auth import configured_keys
 
+    interceptors = []
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        interceptors.append(aio_server_interceptor(tracer_provider, filter_=filters.service_name(SERVICE)))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-        ]
+        ],
     )
     service = InferenceService(engine, metrics, configured_keys(settings), version)
     health = ReadinessHealth(engine)
