@@ -8,12 +8,21 @@ needed; the sampling cost is included), forward, cross-entropy on the logits, ba
 gradient clipping and an Adam step (``models.train.train_step``). The seed style is the same
 loop around ``bench.seed_reference.SeedNTM``: per-step module calls and its per-batch-element
 shift loop. All contenders are interleaved in the same run; the figure is the median.
+
+Data-parallel training (``--processes 1 2``, on by default): the conv NTM's iteration as
+``torchrun`` runs it (``models.distributed``), in N processes of ``threads / N`` torch threads
+each, gloo averaging the gradients, each rank sampling ``batch / N`` episodes of the global
+batch, with the trainer's per-iteration collectives (the loss's mean, rank 0's clock). Each
+process count runs once per repeat, alternating; only the iterations after a warm-up are timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +33,9 @@ from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
 from models.data.episodes import EpisodeSampler
+from models.distributed import ProcessGroup, data_parallel
 from models.train import make_optimizer, train_step
+from tests.servers import free_port
 
 BATCHES = (16, 64)
 TARGET_SPEEDUP = 10.0
@@ -87,6 +98,60 @@ def measure(
     return rates
 
 
+def _data_parallel_worker(
+    rank: int, world: int, port: int, threads: int, batch: int, ways: int, shots: int, seconds: float, out: str
+) -> None:
+    """One rank of a data-parallel run (``torch.multiprocessing.spawn``): global episodes/s, written by rank 0."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    group = ProcessGroup(rank, world)
+    if group.distributed:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = make_model("ntm_conv", ways)
+    forward = data_parallel(model, group, torch.device("cpu"))
+    sampler = EpisodeSampler(synthetic_drawings(), ways, shots, unlabeled_prob=0.1, seed=group.seed(0))
+    optimizer = make_optimizer(model, 1e-3)
+    local = group.local_batch(batch)
+
+    def iteration() -> None:
+        loss, accuracy = train_step(model, optimizer, sampler.sample(local), 10.0, forward)  # type: ignore[arg-type]
+        group.mean([loss, accuracy])
+        group.broadcast([time.monotonic(), 0.0])
+
+    for _ in range(3):
+        iteration()
+    started, done = time.perf_counter(), 0
+    while True:  # rank 0 decides when the time is up, so every rank runs the same iterations
+        iteration()
+        done += 1
+        (stop,) = group.broadcast([float(time.perf_counter() - started > seconds)])
+        if stop:
+            break
+    rate = done * batch / (time.perf_counter() - started)
+    if group.is_main:
+        Path(out).write_text(str(rate))
+    if group.distributed:
+        dist.destroy_process_group()
+
+
+def data_parallel_rates(
+    processes: list[int], threads: int, batch: int, ways: int, shots: int, repeats: int, seconds: float
+) -> dict[str, list[float]]:
+    """Global episodes/s of the conv NTM trained by N processes (threads / N each), alternating N per repeat."""
+    import torch.multiprocessing as mp
+
+    rates: dict[str, list[float]] = {str(n): [] for n in processes}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(repeats):
+            for n in processes:
+                out = os.path.join(scratch, f"rate-{n}")
+                args = (n, free_port(), max(1, threads // n), batch, ways, shots, seconds, out)
+                mp.spawn(_data_parallel_worker, args=args, nprocs=n, join=True)
+                rates[str(n)].append(float(Path(out).read_text()))
+    return rates
+
+
 def report(results: dict) -> str:
     rates = results["episodes_per_s"]
     models = {**MODELS, **{k: v for k, v in COMPILED.items() if k in rates}}
@@ -109,6 +174,20 @@ def report(results: dict) -> str:
             f"Target at batch {batch}: our NTM >= {TARGET_SPEEDUP:.0f}x the seed style: best "
             f"{target['speedup']:.1f}x ({target['model']}, {verdict})."
         )
+    parallel = results.get("data_parallel")
+    if parallel:
+        single = parallel["episodes_per_s"][str(min(int(n) for n in parallel["episodes_per_s"]))]
+        rows = [
+            [n, str(max(1, results["threads"] // int(n))), fmt(rate, 1), f"{rate / single:.2f}x"]
+            for n, rate in parallel["episodes_per_s"].items()
+        ]
+        lines += [
+            "",
+            f"## Data-parallel training: NTM conv, global batch {parallel['batch']} (gloo, median of "
+            f"{results['repeats']})",
+            "",
+            markdown_table(["processes", "threads each", "episodes/s", "vs fewest processes"], rows),
+        ]
     return "\n".join(lines)
 
 
@@ -124,6 +203,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also measure the torch.compile'd forward (ntm-train --compile)"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="data-parallel process counts to measure side by side (none: skip)",
+    )
+    parser.add_argument("--parallel-batch", type=int, default=16, help="global batch of the data-parallel runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -150,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         best = max(speedups, key=lambda name: speedups[name][batch])
         speedup = speedups[best][batch]
         results["targets"][batch] = {"model": models[best], "speedup": speedup, "met": speedup >= TARGET_SPEEDUP}
+    if args.processes:
+        measured = data_parallel_rates(
+            args.processes, args.threads, args.parallel_batch, args.ways, args.shots, args.repeats, args.min_time
+        )
+        results["data_parallel"] = {
+            "batch": args.parallel_batch,
+            "episodes_per_s": {n: median(values) for n, values in measured.items()},
+            "runs": measured,
+        }
     print(report(results))
     write_json(args.json, results)
     return 0

@@ -38,7 +38,7 @@ EVALUATION_FILE = "evaluation.json"
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "default": {
-        "protonet": ["--ways", "60", "--iterations", "4800", "--halve-every", "1600"],
+        "protonet": ["--ways", "60", "--iterations", "12000", "--halve-every", "2400"],
         "ntm": [
             "--encoder", "conv4", "--addressing", "prototype", "--memory-width", "69", "--hidden-size", "128",
             "--batch-size", "16", "--lr", "1e-3", "--encoder-lr-scale", "0", "--warmup", "100", "--iterations", "1000000",

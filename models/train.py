@@ -8,6 +8,8 @@ exploding step through 50 recurrent steps.
 
 Everything random comes from seeded generators whose states are checkpointed, so a run that
 is stopped and resumed gives the same losses as one that was not stopped.
+
+Under ``torchrun`` the same command trains data-parallel over processes (``models.distributed``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from models.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, resolv
 from models.config import ADDRESSINGS, NTMConfig
 from models.data.episodes import EpisodeSampler, evaluation_sampler
 from models.data.omniglot import VALIDATION_ALPHABETS, load_omniglot
+from models.distributed import data_parallel, join_from_env, leave
 from models.evaluate import evaluate
 from models.ntm import NTM
 from models.protonet import ProtoNet
@@ -297,7 +300,9 @@ class Trainer:
 
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
-        self.device = resolve_device(options.device)
+        self.group = join_from_env(resolve_device(options.device))
+        self.device = self.group.device(resolve_device(options.device))
+        self.local_batch = self.group.local_batch(options.batch_size)
         torch.manual_seed(options.seed)
         if options.resume:
             config = load_config(options.out)
@@ -320,7 +325,7 @@ class Trainer:
             options.unlabeled_prob,
             max_shift=options.max_shift,
             max_rotation_deg=options.max_rotation_deg,
-            seed=options.seed,
+            seed=self.group.seed(options.seed),
             device=self.device,
         )
         self.val_data = val_set.as_array()
@@ -331,19 +336,23 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(options.init_from).state_dict())
         elif options.encoder_from is not None and not options.resume:
             init_from_protonet(self.model, ProtoNet.load(options.encoder_from))
-        self.cuda_graph = options.cuda_graph and self.device.type == "cuda"
+        self.cuda_graph = options.cuda_graph and self.device.type == "cuda" and not self.group.distributed
         self.optimizer = make_optimizer(
             self.model, options.lr, capturable=self.cuda_graph, encoder_lr_scale=options.encoder_lr_scale
         )
         self.graph_step: CUDAGraphStep | None = None
         # The whole 50-step episode as one compiled graph: about 2x the episodes/s on CPU after a
         # compile of a few minutes, worth it for long runs. Parameters stay those of self.model.
-        self.forward = torch.compile(self.model, dynamic=False) if options.compile else None
+        # Distributed, the forward is DDP's, whose backward averages the gradients over the ranks.
+        parallel = data_parallel(self.model, self.group, self.device)
+        self.forward = torch.compile(parallel, dynamic=False) if options.compile else None
+        if self.forward is None and parallel is not self.model:
+            self.forward = parallel
         self.iteration, self.episodes, self.elapsed = 0, 0, 0.0
         options.out.mkdir(parents=True, exist_ok=True)
         if options.resume:
             self._load()
-        else:
+        elif self.group.is_main:
             (options.out / METRICS_FILE).write_text("")
 
     def validate(self) -> dict:
@@ -357,14 +366,24 @@ class Trainer:
         return fraction
 
     def run(self) -> dict:
-        """Train until the schedule ends; returns the summary written to metrics.json."""
-        with (self.options.out / METRICS_FILE).open("a") as self.log:
-            return self._run()
+        """Train until the schedule ends; returns the summary written to metrics.json (on rank 0)."""
+        try:
+            if not self.group.is_main:
+                return self._run()
+            with (self.options.out / METRICS_FILE).open("a") as self.log:
+                return self._run()
+        finally:
+            leave(self.group)
 
     def _run(self) -> dict:
         opts = self.options
+        main = self.group.is_main
         bar = tqdm(
-            total=opts.iterations, initial=self.iteration, disable=not opts.progress, unit="it", dynamic_ncols=True
+            total=opts.iterations,
+            initial=self.iteration,
+            disable=not (opts.progress and main),
+            unit="it",
+            dynamic_ncols=True,
         )
         last_save = time.monotonic()
         window: list[tuple[float, float]] = []
@@ -372,7 +391,7 @@ class Trainer:
         elapsed_at_start = self.elapsed
         while self.progress() < 1.0:
             out_of_time = (
-                opts.stop_after_minutes is not None and time.monotonic() - start > 60 * opts.stop_after_minutes
+                opts.stop_after_minutes is not None and self.elapsed - elapsed_at_start > 60 * opts.stop_after_minutes
             )
             if out_of_time or (opts.stop_at is not None and self.iteration >= opts.stop_at):
                 bar.close()
@@ -380,22 +399,25 @@ class Trainer:
                 return {"stopped_at": self.iteration}
             lr = learning_rate(opts, self.iteration, self.progress())
             set_learning_rate(self.optimizer, lr)
-            batch = self.sampler.sample(opts.batch_size)
+            batch = self.sampler.sample(self.local_batch)
             if self.cuda_graph and self.graph_step is None:
                 self.graph_step = CUDAGraphStep(self.model, self.optimizer, batch, opts.clip_norm)
             if self.graph_step is not None:
                 loss, accuracy = self.graph_step(batch)
             else:
                 loss, accuracy = train_step(self.model, self.optimizer, batch, opts.clip_norm, self.forward)
+            loss, accuracy = self.group.mean([loss, accuracy])
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at iteration {self.iteration}")
             self.iteration += 1
             self.episodes += opts.batch_size
             self.elapsed = elapsed_at_start + time.monotonic() - start
+            save_due = time.monotonic() - last_save > 60 * opts.checkpoint_minutes
+            self.elapsed, save_due = self.group.broadcast([self.elapsed, float(save_due)])  # rank 0's clock rules
             window.append((loss, accuracy))
             episodes_per_s = (self.episodes - start_episodes) / max(time.monotonic() - start, 1e-9)
             bar.update(1)
-            if self.iteration % opts.log_every == 0:
+            if self.iteration % opts.log_every == 0 and main:
                 mean_loss = sum(x for x, _ in window) / len(window)
                 mean_acc = sum(y for _, y in window) / len(window)
                 window.clear()
@@ -411,17 +433,21 @@ class Trainer:
                         "episodes_per_s": episodes_per_s,
                     }
                 )
-            if self.iteration % opts.val_every == 0:
+            if self.iteration % opts.val_every == 0 and main:
                 result = self.validate()
                 self._write({"kind": "val", **result})
                 bar.write(
                     f"iteration {self.iteration}: validation "
                     + ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in result["by_instance"].items())
                 )
-            if time.monotonic() - last_save > 60 * opts.checkpoint_minutes:
+            if save_due:
                 self.save()
                 last_save = time.monotonic()
         bar.close()
+        if self.group.distributed:  # the last collective: every rank's state, before rank 0 calibrates alone
+            self.save()
+            if not main:
+                return {"rank": self.group.rank, "iterations": self.iteration}
         calibration = None
         if self.calibration_data is not None and self.config.keyed:
             sampler = evaluation_sampler(self.calibration_data, self.config.num_ways, opts.shots, CALIBRATION_SEED)
@@ -429,7 +455,7 @@ class Trainer:
             calibration["alphabets"] = list(opts.calibration_alphabets)
         final = self.validate()
         self._write({"kind": "val", **final})
-        self.save()
+        self.save(gather=not self.group.distributed)
         summary = {
             "config": self.config.to_dict(),
             "iterations": self.iteration,
@@ -451,17 +477,30 @@ class Trainer:
         self.log.write(json.dumps(row) + "\n")
         self.log.flush()
 
-    def save(self) -> None:
-        """Model checkpoint plus everything needed to resume exactly (optimiser and RNG states)."""
+    def save(self, gather: bool = True) -> None:
+        """Model checkpoint plus everything needed to resume exactly (optimiser and RNG states).
+
+        Distributed, every rank calls it at the same iteration: the ranks' sampler and RNG states
+        are gathered, and rank 0 writes them all with its model and optimiser, which every rank
+        shares. ``gather=False`` (rank 0 alone, after the other ranks are done) writes the states
+        gathered last.
+        """
+        if gather:
+            self._rank_states = (self.group.gather(self.sampler.get_state()), self.group.gather(torch.get_rng_state()))
+        samplers, generators = self._rank_states
+        if not self.group.is_main:
+            return
         save_checkpoint(self.model, self.options.out)
         state = {
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "episodes": self.episodes,
             "optimizer": self.optimizer.state_dict(),
-            "sampler_rng": self.sampler.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "sampler_rng": samplers[0],
+            "torch_rng": generators[0],
         }
+        if self.group.distributed:
+            state["ranks"] = {"sampler_rng": samplers, "torch_rng": generators}
         tmp = self.options.out / (TRAIN_STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.options.out / TRAIN_STATE_FILE)
@@ -472,8 +511,13 @@ class Trainer:
         self.model.load_state_dict(load_file(str(self.options.out / WEIGHTS_FILE), device=str(self.device)))
         state = torch.load(self.options.out / TRAIN_STATE_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.set_state(state["sampler_rng"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
+        ranks = state.get("ranks", {"sampler_rng": [state["sampler_rng"]], "torch_rng": [state["torch_rng"]]})
+        if len(ranks["sampler_rng"]) != self.group.world_size:
+            raise ValueError(
+                f"{self.options.out} was saved by {len(ranks['sampler_rng'])} processes; resume it with as many"
+            )
+        self.sampler.set_state(ranks["sampler_rng"][self.group.rank].cpu())
+        torch.set_rng_state(ranks["torch_rng"][self.group.rank].cpu())
         self.iteration, self.elapsed = state["iteration"], state["elapsed"]
         self.episodes = state.get("episodes", self.iteration * self.options.batch_size)
 
@@ -640,7 +684,8 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
 def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # sharp addressing weights underflow; denormal math is ~4x slower
     summary = Trainer(parse_args(argv)).run()
-    print(json.dumps(summary.get("validation", summary), indent=2))
+    if "rank" not in summary:  # rank 0, or a single process
+        print(json.dumps(summary.get("validation", summary), indent=2))
     return 0
 
 

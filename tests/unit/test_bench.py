@@ -50,7 +50,14 @@ def test_training_bench_writes_its_figures(tmp_path, capsys):
         "--shots",
         "2",
         "--threads",
+        "2",
+        "--processes",
         "1",
+        "2",
+        "--parallel-batch",
+        "2",
+        "--min-time",
+        "0.2",
         "--json",
         str(out),
     ]
@@ -62,7 +69,11 @@ def test_training_bench_writes_its_figures(tmp_path, capsys):
     assert set(data) >= {"episodes_per_s", "speedup_vs_seed", "targets"}
     assert set(data["episodes_per_s"]) == {"ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
     assert all(rates["2"] > 0 for rates in data["episodes_per_s"].values())
-    assert "| batch |" in capsys.readouterr().out
+    parallel = data["data_parallel"]
+    assert parallel["batch"] == 2 and set(parallel["episodes_per_s"]) == {"1", "2"}
+    assert all(rate > 0 for rate in parallel["episodes_per_s"].values())
+    output = capsys.readouterr().out
+    assert "| batch |" in output and "| processes |" in output
 
 
 def test_flop_count_is_dominated_by_the_encoder_and_projections():
