@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 serve: $(VENV)/.installed
 	$(VENV)/bin/ntm-serve --host $(HOST) --port $(PORT)
 
-# tests/browser drive Debian's Chromium: scripts/install-chromium installs it once, and does nothing when it is there.
+# tests/browser drive Debian's Chromium and tests/deploy render docker/k8s with kubectl: scripts/install-chromium
+# and scripts/install-kubectl install them once, and do nothing when they are there.
 test: $(VENV)/.installed
 	bash scripts/install-chromium
+	VENV=$(VENV) bash scripts/install-kubectl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
