@@ -255,9 +255,16 @@ PREDICT_FORM = TypeAdapter(PredictIn)
         }
     },
 )
-async def predict(session_id: SessionId, request: Request, engine: Engine, owner: Owner) -> JSONResponse:
+async def predict(session_id: SessionId, request: Request) -> JSONResponse:
+    """Documents the predict route; requests are answered by ``service.api.fastpath`` (see ``run_predict``)."""
+    engine, owner, client = request.app.state.engine, get_owner(request), client_address(request.scope)
+    return JSONResponse(await run_predict(engine, owner, session_id, await request.body(), client))
+
+
+async def run_predict(engine: SessionEngine, owner: str, session_id: str, raw_body: bytes, client: str = "") -> dict:
+    """The predict route's work, from the raw JSON body to the response body, as ``run_steps`` is for steps."""
     try:
-        body = PREDICT_FORM.validate_json(await request.body())
+        body = PREDICT_FORM.validate_json(raw_body)
     except ValidationError as exc:
         raise_body_error(exc)
     limit = engine.settings.max_predict_images
@@ -272,7 +279,7 @@ async def predict(session_id: SessionId, request: Request, engine: Engine, owner
         )
         for image in body.images
     ]
-    return JSONResponse(await engine.predict(session_id, grays, owner, client_address(request.scope)))
+    return await engine.predict(session_id, grays, owner, client)
 
 
 PREPROCESS_FORM = TypeAdapter(PreprocessIn)

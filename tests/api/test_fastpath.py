@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.api import v1
-from service.api.fastpath import STEPS_ROUTE_PATH, StepRoute, route_path, session_of_steps_path
+from service.api.fastpath import PREDICT_ROUTE_PATH, STEPS_ROUTE_PATH, StepRoute, fast_route_of, route_path
 from tests.api.support import api_settings, app_client, new_session, random_pixels, step_body
 
 pytestmark = pytest.mark.anyio
@@ -18,9 +18,10 @@ class RouteReached(Exception):
     pass
 
 
-def test_session_of_steps_path() -> None:
-    assert session_of_steps_path("/v1/sessions/abc/steps") == "abc"
-    assert session_of_steps_path("/v1/sessions/" + "x" * 64 + "/steps") == "x" * 64
+def test_fast_route_of_a_path() -> None:
+    assert fast_route_of("/v1/sessions/abc/steps") == (STEPS_ROUTE_PATH, "abc")
+    assert fast_route_of("/v1/sessions/abc/predict") == (PREDICT_ROUTE_PATH, "abc")
+    assert fast_route_of("/v1/sessions/" + "x" * 64 + "/steps") == (STEPS_ROUTE_PATH, "x" * 64)
     for declined in (
         "/v1/sessions//steps",
         "/v1/sessions/" + "x" * 65 + "/steps",
@@ -29,8 +30,10 @@ def test_session_of_steps_path() -> None:
         "/v1/sessions/abc/reset",
         "/v1/sessions/abc",
         "/v2/sessions/abc/steps",
+        "/v1/sessions/abc/snapshot",
+        "/v1/sessions/a/b/predict",
     ):
-        assert session_of_steps_path(declined) is None, declined
+        assert fast_route_of(declined) is None, declined
     assert route_path({"path": "/api/v1/sessions/a/steps", "root_path": "/api"}) == "/v1/sessions/a/steps"
     assert route_path({"path": "/v1/sessions/a/steps", "root_path": ""}) == "/v1/sessions/a/steps"
 
@@ -55,6 +58,27 @@ async def test_steps_are_answered_without_the_fastapi_route(tiny_checkpoint: Pat
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
         metrics = (await client.get("/metrics")).text
         assert 'method="POST",route="/v1/sessions/{session_id}/steps",status="200"' in metrics
+
+
+async def test_predictions_are_answered_without_the_fastapi_route(tiny_checkpoint: Path, monkeypatch) -> None:
+    route = next(r for r in v1.router.routes if getattr(r, "path", None) == PREDICT_ROUTE_PATH)
+
+    async def reached(*args, **kwargs):
+        raise RouteReached
+
+    monkeypatch.setattr(route, "handle", reached)
+    async with app_client(api_settings(tiny_checkpoint, max_predict_images=2)) as client:
+        session_id = await new_session(client)
+        images = [{"pixels": random_pixels(seed)} for seed in range(2)]
+        with pytest.raises(RouteReached):
+            await client.post(f"/v1/sessions/{'x' * 65}/predict", json={"images": images})
+        response = await client.post(f"/v1/sessions/{session_id}/predict", json={"images": images})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"]) == 2 and response.headers["content-type"] == "application/json"
+        too_many = await client.post(f"/v1/sessions/{session_id}/predict", json={"images": images * 2})
+        assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "too_many_images"
+        metrics = (await client.get("/metrics")).text
+        assert 'method="POST",route="/v1/sessions/{session_id}/predict",status="200"' in metrics
 
 
 async def test_a_client_gone_before_its_body_gets_no_answer_and_the_session_no_step(tiny_checkpoint: Path) -> None:
@@ -100,7 +124,7 @@ async def test_an_unexpected_error_on_the_step_route_is_a_json_500_with_its_requ
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             session_id = await new_session(client)
-            monkeypatch.setattr(fastpath, "run_steps", broken)
+            monkeypatch.setitem(fastpath.RUNNERS, fastpath.STEPS_ROUTE_PATH, broken)
             response = await client.post(f"/v1/sessions/{session_id}/steps", json=step_body(random_pixels(1)))
             assert response.status_code == 500 and response.headers["x-request-id"]
             assert response.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
