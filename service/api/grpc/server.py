@@ -332,36 +332,39 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         client: str,
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> bool:
-        """Read until the client half-closes or the server drains (then True); every request read is answered."""
+        """Read until the client half-closes or the server drains (then True); every request read is answered.
+
+        The reading is a task of its own that draining cancels (at its next wait for a message, never
+        between reading one and starting its answer), so each message costs one ``anext`` and no futures.
+        """
         last: dict[tuple[str, str, Any], asyncio.Task[None]] = {}
         running: set[asyncio.Task[None]] = set()
-        drain = asyncio.ensure_future(self.draining.wait())
-        incoming = aiter(requests)
-        drained, read = False, None
-        try:
-            while True:
-                read = asyncio.ensure_future(anext(incoming))
-                await asyncio.wait((read, drain), return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    read.cancel()
-                    drained = True
-                    break
-                try:
-                    message = read.result()
-                except StopAsyncIteration:
-                    break
+
+        async def read_all() -> None:
+            async for message in requests:
                 key = sequence_key(message)
                 task = asyncio.create_task(self._answer_in_turn(message, owner, client, last.get(key), responses))
                 last[key] = task
                 running.add(task)
                 self.steps.add(task)  # a request read is answered even if the client has gone meanwhile
                 task.add_done_callback(lambda done, key=key: _forget(done, key, last, running, self.steps))
+
+        reader = asyncio.create_task(read_all())
+        drain = asyncio.ensure_future(self.draining.wait())
+        drain.add_done_callback(lambda _: reader.cancel())
+        drained = False
+        try:
+            try:
+                await reader
+            except asyncio.CancelledError:
+                if not drain.done() or drain.cancelled():
+                    raise  # this handler itself was cancelled, not the reading by a drain
+                drained = True
             if running:
                 await asyncio.wait(set(running))
         finally:
             drain.cancel()
-            if read is not None:
-                read.cancel()
+            reader.cancel()
             await responses.put(None)
         return drained
 
