@@ -11,16 +11,25 @@ Why CPU time: on a shared machine other tenants slow a run down by minutes at a 
 rates from different minutes do not compare; CPU time per step is the server's own work, and
 noise can only add to it, so its minimum is the steadiest figure. Context switches show the
 GIL changing hands between the event loop and the model thread. Linux only (/proc).
+
+``--otlp-sink`` turns tracing on in this checkout's server (``service.tracing``): its spans go over
+OTLP/HTTP to a sink in this process that answers every export with 200, so the server's CPU time
+per step includes making, batching and exporting every span. Run with ``--baseline`` another
+checkout of the same tree for the cost of tracing on, or of the tree before tracing for its cost off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bench.common import markdown_table, pin_process, thread_stats, write_json
@@ -48,17 +57,51 @@ def phases(url: str, images: list[str]) -> dict[tuple[str, str], tuple[RequestFa
     return out
 
 
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint that reads and drops every export (200, an empty response); its URL."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.http_ab", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="another checkout (git worktree add DIR REV)")
     parser.add_argument("--image", nargs="+", choices=["pixels", "png", "gray8"], default=["pixels", "png", "gray8"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each phase in each round")
+    parser.add_argument("--otlp-sink", action="store_true", help="trace this checkout's server to an OTLP sink")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        this_env = server_env()
+        if args.otlp_sink:
+            this_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = stack.enter_context(otlp_sink())
+        return compare(args, this_env)
+
+
+def compare(args: argparse.Namespace, this_env: dict[str, str]) -> int:
+    """Both servers through every phase, alternating; prints and writes the table."""
     cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
     servers = {"baseline": ServerProcess(server_env(), cwd=args.baseline.resolve())}
-    servers["this"] = ServerProcess(server_env(), cwd=ROOT)
+    servers["this"] = ServerProcess(this_env, cwd=ROOT)
     samples: dict[tuple[str, str, str], list[tuple[float, float, float, int]]] = {}
     try:
         work = {}
@@ -111,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     headers = ["image", "phase", "server", "steps/s (median)", "CPU us/step (median)", "CPU us/step (min)"]
     print(markdown_table([*headers, "context switches/step", "errors"], rows))
+    traced = "; this server traced to an OTLP sink" if args.otlp_sink else ""
     print(
-        f"\nbaseline: {args.baseline.resolve()}; {args.rounds} rounds of {args.seconds:g} s per phase, {time.ctime()}"
+        f"\nbaseline: {args.baseline.resolve()}; {args.rounds} rounds of {args.seconds:g} s per phase{traced}, "
+        f"{time.ctime()}"
     )
-    write_json(args.json, {"baseline": str(args.baseline.resolve()), "rounds": args.rounds, "results": results})
+    record = {"baseline": str(args.baseline.resolve()), "rounds": args.rounds, "traced": args.otlp_sink}
+    write_json(args.json, {**record, "results": results})
     return 0
 
 

@@ -63,6 +63,7 @@ def evaluate(model: NTM, sampler: EpisodeSampler, episodes: int = 1000, batch_si
         "accuracy": correct_total / steps_total,
         "loss": sum(losses) / steps_total,
         "by_instance": by_instance(torch.cat(per_episode)),
+        "by_every_instance": by_instance(torch.cat(per_episode), range(1, sampler.shots + 1)),
     }
 
 
@@ -79,13 +80,13 @@ def prototype_baseline(
     return evaluate_prototype_rule(encode, threshold, score_sampler, episodes)
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A Markdown table: one row per model, one column per reported instance."""
-    instances = [k for k in next(iter(results.values()))["by_instance"]]
+def format_table(results: dict[str, dict], key: str = "by_instance") -> str:
+    """A Markdown table: one row per model, one column per reported instance (``by_every_instance``: every one)."""
+    instances = [k for k in next(iter(results.values()))[key]]
     header = "| model | " + " | ".join(f"{_ordinal(int(k))}" for k in instances) + " |"
     lines = [header, "|" + "---|" * (len(instances) + 1)]
     for name, result in results.items():
-        cells = [f"{100 * v['accuracy']:.1f}% ± {100 * v['ci95']:.1f}" for v in result["by_instance"].values()]
+        cells = [f"{100 * v['accuracy']:.1f}% ± {100 * v['ci95']:.1f}" for v in result[key].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run_evaluation(args)
     print(format_table(results))
+    print("\nEvery instance:\n" + format_table(results, "by_every_instance"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:

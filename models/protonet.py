@@ -195,6 +195,7 @@ def evaluate_prototype_rule(
         "accuracy": correct_total / steps_total,
         "novelty_threshold": threshold,
         "by_instance": by_instance(torch.cat(tables)),
+        "by_every_instance": by_instance(torch.cat(tables), range(1, sampler.shots + 1)),
     }
 
 

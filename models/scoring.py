@@ -8,6 +8,7 @@ normal-approximation 95% interval, 1.96 * std / sqrt(episodes).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -25,10 +26,10 @@ def per_episode_accuracy(correct: torch.Tensor, instance: torch.Tensor, shots: i
     return (hits / counts.clamp_min(1)).T.cpu()
 
 
-def by_instance(table: torch.Tensor) -> dict[str, dict[str, float]]:
-    """[E, shots] per-episode accuracies -> {"k": {"accuracy", "ci95"}} for the reported instances."""
+def by_instance(table: torch.Tensor, instances: Iterable[int] = REPORTED_INSTANCES) -> dict[str, dict[str, float]]:
+    """[E, shots] per-episode accuracies -> {"k": {"accuracy", "ci95"}} for ``instances`` (the reported ones)."""
     result = {}
-    for k in REPORTED_INSTANCES:
+    for k in instances:
         if k <= table.shape[1]:
             column = table[:, k - 1]
             half_width = (

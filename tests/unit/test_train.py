@@ -101,6 +101,9 @@ def test_ntm_eval_reports_the_instance_table(omniglot_zip, tmp_path, capsys):
     result = json.loads(out_json.read_text())[str(tmp_path / "m")]
     assert list(result["by_instance"]) == [str(k) for k in REPORTED_INSTANCES]
     assert all(0 <= v["accuracy"] <= 1 and v["ci95"] >= 0 for v in result["by_instance"].values())
+    assert list(result["by_every_instance"]) == [str(k) for k in range(1, 11)]  # the 6th to 9th too
+    assert all(result["by_every_instance"][k] == v for k, v in result["by_instance"].items())
+    assert "| 1st | 2nd | 3rd | 4th | 5th | 6th | 7th | 8th | 9th | 10th |" in printed
 
 
 def test_ntm_eval_plots_the_table_as_a_png(omniglot_zip, tmp_path):
