@@ -199,3 +199,31 @@ def test_soak_bench_completes_every_episode_without_errors(tmp_path, tiny_checkp
     assert code == 0
     report = json.loads(out.read_text())
     assert report["live_sessions_end"] == 0 and report["settings"]["episodes"] == 6
+
+
+def test_the_chaos_check_flags_a_lost_step_and_a_state_that_is_not_the_replay(tiny_checkpoint):
+    import dataclasses
+
+    from bench import chaos
+    from models import PackedState, load_checkpoint
+    from service.sessions.store import SessionRecord
+
+    steps = 6
+    episodes = [chaos.Episode(f"s{i}", seed=i, labels=[0, 1, None, 0, 2, 1]) for i in range(2)]
+    probabilities, states = chaos.replay(tiny_checkpoint, episodes, steps)
+    layout = load_checkpoint(tiny_checkpoint).initial_state(1).layout
+    for episode, answered in zip(episodes, probabilities, strict=True):
+        episode.probabilities = answered.tolist()
+    records = [
+        SessionRecord(e.session_id, "tiny", "f", PackedState(states[i].clone(), layout), 60, 0, steps=steps)
+        for i, e in enumerate(episodes)
+    ]
+    log = chaos.ClientLog(episodes=episodes)
+    assert chaos.verify(tiny_checkpoint, [log], records, steps)["problems"] == []
+    lost = [dataclasses.replace(records[0], steps=steps - 1), records[1]]
+    assert (
+        "stored 5 steps, its client saw 6 succeed" in chaos.verify(tiny_checkpoint, [log], lost, steps)["problems"][0]
+    )
+    moved = PackedState(records[1].state.data + 1e-3, layout)
+    doubled = [records[0], dataclasses.replace(records[1], state=moved)]
+    assert "1 sessions differ from the replay" in chaos.verify(tiny_checkpoint, [log], doubled, steps)["problems"][0]
