@@ -215,13 +215,13 @@ class RedisCluster:
             raise
         self.url = "redis+cluster://" + ",".join(addresses)
 
-    def node_of(self, key: str) -> RedisServer:
-        """The master that serves ``key``'s slot."""
+    def node_of(self, key: str | None = None, slot: int | None = None) -> RedisServer:
+        """The master that serves ``key``'s slot (or ``slot``)."""
         import redis
 
         client = redis.Redis(port=self.nodes[0].port, socket_timeout=1)
         try:
-            slot = client.cluster("KEYSLOT", key)
+            slot = client.cluster("KEYSLOT", key) if slot is None else slot
             ports = [int(served[2][1]) for served in client.cluster("SLOTS") if served[0] <= slot <= served[1]]
         finally:
             client.close()

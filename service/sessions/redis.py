@@ -33,10 +33,13 @@ Broken connections are retried, within ``timeout``. A pooled connection that Red
 ``ConnectionError`` on first use; redis-py's own ``Retry`` (``retry_on_error=[ConnectionError,
 TimeoutError]``, with exponential backoff and jitter, so replicas that lost Redis together do
 not come back in lockstep) then disconnects it and sends the command, or the whole pipeline,
-again on a fresh connection. The cluster client takes the same ``Retry`` for its number of
-attempts, re-reading the cluster's layout before each; where it hands back a broken connection
-(or CLUSTERDOWN) as one command's answer instead, the store sends that command again itself,
-after the same backoff. Re-sending a read is harmless. Re-sending a write is made safe by
+again on a fresh connection. On a cluster the store re-sends itself, with the same backoff: a
+pipeline a master did not take, and a command whose connection broke (or that met CLUSTERDOWN),
+which the cluster pipeline hands back as that command's answer; it reads the slots' owners again
+before each re-send. The cluster client's own attempts are none: before each, redis-py would close
+every connection to every master, so that one master down broke the others' pipelines too (and
+its table of commands is read once, ``CommandTable``, not again from the first master after every
+error). Re-sending a read is harmless. Re-sending a write is made safe by
 its token: each ``create`` and ``commit`` call carries a random token that its script keeps in
 ``c`` when it writes, so a write whose first send landed before the connection broke (Redis ran
 it, the answer was lost) finds its own token on the re-send and answers "applied", instead of
@@ -63,6 +66,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
@@ -164,6 +168,28 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
+class CommandTable(AsyncCommandsParser):
+    """The cluster client's table of commands (where each keeps its keys), read once from whichever master
+    answers. redis-py reads it again from the first master each time it re-reads the cluster's layout,
+    which it does after any broken connection, so while that one master was down no command reached any."""
+
+    def __init__(self, client: RedisCluster) -> None:
+        super().__init__()
+        self.client = client
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node
+        candidates = [self.node, *(other for other in self.client.get_primaries() if other != self.node)]
+        for candidate in candidates if not self.commands else []:
+            try:
+                await super().initialize(candidate)
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                if candidate is candidates[-1]:
+                    raise
+
+
 def cluster_client(url: str, **options: Any) -> RedisCluster:
     """The cluster client of ``redis+cluster://[user:password@]host:port[,host:port...][?option=value...]``
     (``rediss+cluster://``: TLS): it starts from whichever named node answers and discovers the rest.
@@ -176,7 +202,9 @@ def cluster_client(url: str, **options: Any) -> RedisCluster:
     first = f"{auth}@{nodes[0].netloc}" if auth else nodes[0].netloc
     first_url = urlunsplit((parts.scheme.removesuffix("+cluster"), first, parts.path, parts.query, ""))
     others = [ClusterNode(node.hostname, node.port or 6379) for node in nodes[1:]]
-    return RedisCluster.from_url(first_url, startup_nodes=others, **options)
+    client = RedisCluster.from_url(first_url, startup_nodes=others, **options)
+    client.commands_parser = CommandTable(client)
+    return client
 
 
 def shard_tags(shards: int) -> list[str]:
@@ -263,9 +291,9 @@ class _Pipeliner:
         if self.cluster:
             await self.client.initialize()
         if not self._scripts_loaded:
+            self._scripts_loaded = True  # tried once: a master that missed them answers NOSCRIPT
             for script in self.scripts:
                 await self.client.script_load(script.script)
-            self._scripts_loaded = True
 
     def _node_of(self, op: Op) -> str:
         """The name of the master serving ``op``'s key (one Redis, or a slot no master serves: "")."""
@@ -300,7 +328,11 @@ class _Pipeliner:
             pipe = self.client.pipeline(transaction=False)
             for index in todo:
                 pipe.execute_command(*ops[index].command(index in as_eval))
-            for index, result in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+            try:
+                answers = await pipe.execute(raise_on_error=False)
+            except RESEND_ON as exc:  # not sent (a cluster's master down), or one Redis past its own retries
+                answers = [exc] * len(todo)
+            for index, result in zip(todo, answers, strict=True):
                 results[index] = result
             unknown = {index for index in todo if isinstance(results[index], NoScriptError)}
             broken = {index for index in todo if ops[index].needed and isinstance(results[index], RESEND_ON)}
@@ -309,6 +341,9 @@ class _Pipeliner:
             if broken:
                 failures += 1
                 await asyncio.sleep(self._backoff.compute(failures))
+                if self.cluster:  # a master may have moved: the slots' owners read again, no connection closed
+                    with contextlib.suppress(*STORE_ERRORS):
+                        await self.client.nodes_manager.initialize()
         return results
 
 
@@ -328,6 +363,9 @@ class RedisStore(SessionStore):
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         }
         if self.cluster:
+            # The cluster client's own attempts: none. Before each it would close every connection, to every
+            # master, so that one master down broke the others' pipelines too; the store re-sends instead.
+            options["retry"] = Retry(backoff(timeout), 0)
             if "{" in prefix or "}" in prefix:
                 raise ValueError(
                     f"a Redis Cluster key prefix may not hold a hash tag ({prefix!r}): it would pin every key"
@@ -471,7 +509,15 @@ class RedisStore(SessionStore):
         return int(await self._call(both()))
 
     async def ping(self) -> bool:
-        return bool(await self._call(self.client.ping()))
+        """Whether Redis answers; on a cluster, any master (those a master down holds answer 503 meanwhile)."""
+        return bool(await self._call(self._ping_any() if self.cluster else self.client.ping()))
+
+    async def _ping_any(self) -> bool:
+        await self.client.initialize()
+        answers = await asyncio.gather(
+            *(self.client.ping(target_nodes=node) for node in self.client.get_primaries()), return_exceptions=True
+        )
+        return any(answer is True for answer in answers)
 
     async def close(self) -> None:
         await self.client.aclose()
