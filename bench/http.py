@@ -15,6 +15,8 @@ to one core and drives it from a load generator pinned to the other core:
 
 With a redis:// store it also reports the bytes one session takes in Redis (MEMORY USAGE)
 and Redis' memory for ``--idle-sessions`` idle sessions written through the store.
+``--store redis://auto`` and ``--store redis+cluster://auto`` start a throwaway redis-server and a
+throwaway 3-master Redis Cluster for the run (``tests.servers``), so one run sets them side by side.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,7 +39,7 @@ from PIL import Image
 
 from bench.common import cpu_split, markdown_table, pin_process, thread_stats, write_json
 from bench.loadgen import generate_load, http_request
-from tests.servers import ServerProcess
+from tests.servers import RedisCluster, RedisServer, ServerProcess
 
 TARGETS = {
     "single_client_p50_ms": 2.0,
@@ -194,10 +198,32 @@ def redis_memory(url: str, sessions: int) -> dict:
     }
 
 
+THROWAWAY = {"redis://auto": RedisServer, "redis+cluster://auto": RedisCluster}  # --store names started for the run
+
+
+@contextlib.contextmanager
+def store_urls(stores: list[str]) -> Iterator[dict[str, str]]:
+    """Each ``--store`` and the URL it is served from: itself, or for a ``THROWAWAY`` name the URL of the
+    redis-server or cluster started for it, which are stopped and removed afterwards."""
+    urls, started = {store: store for store in stores}, []
+    try:
+        for store in urls.keys() & THROWAWAY.keys():
+            started.append(THROWAWAY[store]())
+            urls[store] = started[-1].url
+        yield urls
+    finally:
+        for server in started:
+            server.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--store", action="append", default=None, help="memory:// (default) and/or redis://host:port/db"
+        "--store",
+        action="append",
+        default=None,
+        help="memory:// (default), redis://host:port/db, redis+cluster://host:port[,host:port...]; "
+        "redis://auto, redis+cluster://auto: a throwaway redis-server, a throwaway 3-master cluster",
     )
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load phase")
@@ -216,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stores = args.store or ["memory://"]
     cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
-    results = [
-        measure_store(store, args.model, args.seconds, args.concurrency, cpus, image)
-        for store in stores
-        for image in args.image
-    ]
+    with store_urls(stores) as urls:
+        results = [
+            {**measure_store(urls[store], args.model, args.seconds, args.concurrency, cpus, image), "store": store}
+            for store in stores
+            for image in args.image
+        ]
+        memory = first_redis_memory(stores, urls, args.idle_sessions)
     rows = [
         [
             r["store"],
@@ -271,15 +299,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     report: dict = {"targets": TARGETS, "concurrency": args.concurrency, "seconds": args.seconds, "results": results}
-    redis_urls = [s for s in stores if s.startswith(("redis://", "rediss://"))]
-    if redis_urls and args.idle_sessions > 0:
-        memory = redis_memory(redis_urls[0], args.idle_sessions)
+    if memory is not None:
         report["redis_memory"] = memory
         print(
             f"\nRedis: {memory['bytes_per_session']:,} bytes per session (MEMORY USAGE); {memory['used_memory_bytes'] / 2**20:,.1f} MiB for {memory['sessions']:,} idle sessions -> {memory['per_100k_sessions_bytes'] / 2**30:,.2f} GiB per 100,000"
         )
     write_json(args.json, report)
     return 0
+
+
+def first_redis_memory(stores: list[str], urls: dict[str, str], sessions: int) -> dict | None:
+    """``redis_memory`` of the first single Redis among ``stores``, if any (a session takes as much in a cluster)."""
+    single = [urls[store] for store in stores if urls[store].startswith(("redis://", "rediss://"))]
+    return redis_memory(single[0], sessions) if single and sessions > 0 else None
 
 
 if __name__ == "__main__":

@@ -63,14 +63,16 @@ def frozen_startup_heap() -> Iterator[None]:
 
 
 def open_store(settings: Settings) -> SessionStore:
-    """The store a URL names: memory:// or redis://host:port/db (rediss:// too)."""
+    """The store a URL names: memory://, redis://host:port/db (rediss:// too) or redis+cluster://host:port,..."""
     if settings.store.startswith("memory://"):
         return MemoryStore()
-    if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        from service.sessions.redis import RedisStore
+    from service.sessions.redis import SCHEMES, RedisStore
 
+    if settings.store.startswith(SCHEMES):
         return RedisStore(settings.store, settings.redis_prefix, settings.redis_timeout_seconds)
-    raise ValueError(f"unknown store {settings.store!r}: use memory:// or redis://host:port/db")
+    raise ValueError(
+        f"unknown store {settings.store!r}: use memory://, redis://host:port/db or redis+cluster://host:port[,...]"
+    )
 
 
 async def _sweep(engine: SessionEngine, interval: float) -> None:

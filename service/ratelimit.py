@@ -10,7 +10,9 @@ The counting is the ``limits`` library's. With the Redis store it is Redis itsel
 ``limits.aio``: an async strategy over ``limits.aio.storage.RedisStorage`` on the store's own
 connection pool (``implementation="redispy"`` takes a ``connection_pool``), so every replica
 counts against the same budget under ``{NTM_REDIS_PREFIX}ratelimit:``, with the store's
-timeouts and reconnects. With the memory store each replica counts for itself, with the
+timeouts and reconnects. On a Redis Cluster it is ``limits``' ``RedisClusterStorage`` on the
+store's own cluster client (``SharedClusterStorage``): each caller's counter is one key (the
+sliding window's two share a hash tag), so the callers spread over the slots. With the memory store each replica counts for itself, with the
 synchronous strategy over ``limits.storage.MemoryStorage``, called on the event loop: its
 operations are a few dictionary and list operations under a lock (about 5 us a hit), where
 ``limits.aio.storage.MemoryStorage`` starts a sweep after each hit that visits every key through
@@ -34,7 +36,7 @@ from typing import Literal
 
 from limits import RateLimitItem, parse, storage, strategies
 from limits.aio import strategies as aio_strategies
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.errors import StorageError
 from limits.util import WindowStats
 from starlette.types import Scope
@@ -63,18 +65,43 @@ def caller_of(owner: str, client: str) -> str:
     return f"key:{owner}" if owner else f"address:{client or 'unknown'}"
 
 
+class SharedClusterStorage(RedisClusterStorage):
+    """``limits``' Redis Cluster storage on a cluster client of ours (``limits`` would build its own, with
+    connections, timeouts and retries apart from the store's), its scripts registered on that client."""
+
+    def __init__(self, client: object, key_prefix: str) -> None:
+        self.shared_client = client
+        super().__init__(
+            "async+redis+cluster://", implementation="redispy", key_prefix=key_prefix, wrap_exceptions=True
+        )
+
+    def configure_bridge(self) -> None:
+        self.bridge.storage = self.shared_client
+        self.bridge.connection_getter = lambda _readonly: self.shared_client
+
+    @property
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        """redis-py's errors, and its cluster client's own (a slot no node serves) that are not RedisErrors."""
+        from redis.exceptions import RedisClusterException, RedisError
+
+        return (RedisError, RedisClusterException)
+
+
 def redis_storage(store: SessionStore, settings: Settings) -> RedisStorage | None:
     """``limits``' async Redis storage on the session store's own connections, when the store is Redis."""
     from service.sessions.redis import RedisStore
 
     if not isinstance(store, RedisStore):
         return None
+    key_prefix = f"{settings.redis_prefix}ratelimit"
+    if store.cluster:
+        return SharedClusterStorage(store.client, key_prefix)
     url = settings.store  # limits' schemes: async+redis://, async+rediss://, async+redis+unix://
     return RedisStorage(
         ("async+redis+" if url.startswith("unix://") else "async+") + url,
         implementation="redispy",
         connection_pool=store.client.connection_pool,
-        key_prefix=f"{settings.redis_prefix}ratelimit",
+        key_prefix=key_prefix,
         wrap_exceptions=True,
     )
 

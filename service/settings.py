@@ -31,8 +31,12 @@ class Settings(BaseSettings):
         description="checkpoint directories (config.json + model.safetensors); the first is the default "
         "(by default the shipped models: the accurate one as 'default', the fast one as 'fast')",
     )
-    store: str = Field("memory://", description="memory:// or redis://host:port/db (rediss:// for TLS)")
-    redis_prefix: str = Field("ntm:", description="key prefix for the Redis store")
+    store: str = Field(
+        "memory://",
+        description="memory://, redis://host:port/db (rediss:// for TLS), or a Redis Cluster: "
+        "redis+cluster://host:port[,host:port...] from any of its nodes (rediss+cluster:// for TLS)",
+    )
+    redis_prefix: str = Field("ntm:", description="key prefix for the Redis store (on a cluster: no hash tag)")
     redis_timeout_seconds: float = Field(
         1.0, gt=0, description="bound on each Redis operation, retries of a broken connection included"
     )
@@ -147,6 +151,8 @@ class Settings(BaseSettings):
                 f"workers={self.workers} needs a shared store (redis://host:port/db): with memory:// each worker "
                 "process holds its own sessions, and a step reaching another worker would find none"
             )
+        if not self.store.startswith("memory://"):
+            self._cluster_fits()
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port ({self.grpc_port}) is the HTTP port too: give gRPC its own, or 0 for none")
         if self.session_ttl_seconds > self.max_session_ttl_seconds:
@@ -160,6 +166,23 @@ class Settings(BaseSettings):
                 f"({self.session_ttl_seconds:g})"
             )
         return self
+
+    def _cluster_fits(self) -> None:
+        """On a Redis Cluster: keys spread by hash tags of their own, the capacity shared by the index shards."""
+        from service.sessions.redis import CLUSTER_SCHEMES, INDEX_SHARDS
+
+        if not self.store.startswith(CLUSTER_SCHEMES):
+            return
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError(
+                f"redis_prefix ({self.redis_prefix!r}) holds a hash tag: on a Redis Cluster it would put every key "
+                "in one slot, on one master"
+            )
+        if self.max_sessions < INDEX_SHARDS:
+            raise ValueError(
+                f"max_sessions ({self.max_sessions}) is under {INDEX_SHARDS}: on a Redis Cluster each of the "
+                f"{INDEX_SHARDS} index shards holds its share of it, and some would hold none"
+            )
 
 
 def describe_settings_error(exc: ValidationError) -> str:

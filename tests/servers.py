@@ -1,4 +1,4 @@
-"""Real processes for integration tests: uvicorn servers of the service and throwaway Redis servers."""
+"""Real processes for integration tests: uvicorn servers of the service, throwaway Redis servers and clusters."""
 
 from __future__ import annotations
 
@@ -123,16 +123,35 @@ def server(env: dict[str, str]) -> Iterator[ServerProcess]:
         proc.log_path.unlink(missing_ok=True)
 
 
-class RedisServer:
-    """A throwaway redis-server on a free port with an append-only file, so a restart keeps its data."""
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000 (the cluster bus)
 
-    def __init__(self) -> None:
+
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free too, and so below 65536."""
+    while True:
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536:
+            with contextlib.suppress(OSError), socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+                return port
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port with an append-only file, so a restart keeps its data.
+
+    ``cluster=True``: a node in cluster mode, its node file (``nodes.conf``) in its own folder, so a
+    restart on the same port rejoins its cluster with the same slots.
+    """
+
+    def __init__(self, cluster: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
-        self.binary, self.port = binary, free_port()
+        self.binary, self.port = binary, free_cluster_port() if cluster else free_port()
         self.dir = tempfile.mkdtemp(prefix="ntm-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.address = f"127.0.0.1:{self.port}"
+        self.cluster_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if cluster else []
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -151,6 +170,7 @@ class RedisServer:
             "always",
             "--save",
             "",
+            *self.cluster_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._answers, timeout=20)
@@ -160,11 +180,73 @@ class RedisServer:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: Redis shuts down cleanly; SIGKILL: a crash (fsync always: no acknowledged write is lost)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             self.process.wait(10)
 
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster: ``masters`` cluster-mode RedisServers (no replicas) on free ports, their
+    slots assigned by ``redis-cli --cluster create``; ready once every node says ``cluster_state:ok``.
+    ``url`` names every node (``redis+cluster://127.0.0.1:P1,...``); ``nodes[i].stop()`` and ``.start()``
+    restart a master on its port with its node file and append-only file, so it comes back with its
+    slots and its data."""
+
+    def __init__(self, masters: int = 3) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on PATH")
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(masters):
+                self.nodes.append(RedisServer(cluster=True))
+            addresses = [node.address for node in self.nodes]
+            create = [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
+            subprocess.run(create, check=True, capture_output=True, timeout=60)
+            self.wait_ok()
+        except BaseException:
+            self.close()
+            raise
+        self.url = "redis+cluster://" + ",".join(addresses)
+
+    def node_of(self, key: str | None = None, slot: int | None = None) -> RedisServer:
+        """The master that serves ``key``'s slot (or ``slot``)."""
+        import redis
+
+        client = redis.Redis(port=self.nodes[0].port, socket_timeout=1)
+        try:
+            slot = client.cluster("KEYSLOT", key) if slot is None else slot
+            ports = [int(served[2][1]) for served in client.cluster("SLOTS") if served[0] <= slot <= served[1]]
+        finally:
+            client.close()
+        return next(node for node in self.nodes if node.port == ports[0])
+
+    def info(self, node: RedisServer) -> dict:
+        import redis
+
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            return client.cluster("INFO")
+        finally:
+            client.close()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node sees the whole cluster up: all slots served, state ok."""
+
+        def ok() -> bool:
+            infos = [self.info(node) for node in self.nodes]
+            return all(
+                info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == len(self.nodes) for info in infos
+            )
+
+        wait_until(ok, timeout=timeout, interval=0.1)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

@@ -12,6 +12,7 @@ import redis
 import torch
 
 from service.sessions.redis import RedisStore
+from service.sessions.store import SessionStore
 from tests.conftest import write_tiny_checkpoint
 from tests.servers import RedisServer, server
 
@@ -190,36 +191,37 @@ def test_lrua_states_round_trip_through_redis(redis_url, redis_prefix):
     assert loaded.state.layout.read_width == 32 and loaded.state.layout.heads == 5
 
 
-def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_prefix):
-    """The micro-batch's store traffic is pipelined: 16 sessions' gets (and commits) in one round trip each."""
+async def pipelines_of_a_batch(store: RedisStore) -> tuple[int, int, list[bool]]:
+    """Pipelines that 16 sessions' concurrent gets, then their concurrent commits, took; whether each commit landed."""
     from dataclasses import replace
 
     from models import NTM, NTMConfig
     from service.sessions.store import SessionRecord
 
-    async def scenario() -> tuple[int, int, list[bool]]:
-        store = RedisStore(redis_url, redis_prefix)
-        state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
-        records = [SessionRecord(f"p{i}", "default", "fp", state, 60.0, time.time() + 60) for i in range(16)]
-        for record in records:
-            await store.create(record)
-        pipelines = 0
-        real_pipeline = store.client.pipeline
+    state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
+    records = [SessionRecord(f"p{i}", "default", "fp", state, 60.0, time.time() + 60) for i in range(16)]
+    for record in records:
+        await store.create(record)
+    pipelines = 0
+    real_pipeline = store.client.pipeline
 
-        def counting_pipeline(*args, **kwargs):
-            nonlocal pipelines
-            pipelines += 1
-            return real_pipeline(*args, **kwargs)
+    def counting_pipeline(*args, **kwargs):
+        nonlocal pipelines
+        pipelines += 1
+        return real_pipeline(*args, **kwargs)
 
-        store.client.pipeline = counting_pipeline
-        loaded = await asyncio.gather(*[store.get(r.session_id) for r in records])
-        after_gets = pipelines
-        committed = await asyncio.gather(*[store.commit(replace(r, version=1, steps=1), 0) for r in loaded])
-        after_commits = pipelines - after_gets
-        await store.close()
-        return after_gets, after_commits, committed
+    store.client.pipeline = counting_pipeline
+    loaded = await asyncio.gather(*[store.get(r.session_id) for r in records])
+    after_gets = pipelines
+    committed = await asyncio.gather(*[store.commit(replace(r, version=1, steps=1), 0) for r in loaded])
+    after_commits = pipelines - after_gets
+    await store.close()
+    return after_gets, after_commits, committed
 
-    gets, commits, committed = asyncio.run(scenario())
+
+def test_concurrent_reads_and_commits_share_one_round_trip(redis_url, redis_prefix):
+    """The micro-batch's store traffic is pipelined: 16 sessions' gets (and commits) in one round trip each."""
+    gets, commits, committed = asyncio.run(pipelines_of_a_batch(RedisStore(redis_url, redis_prefix)))
     assert (gets, commits) == (1, 1)
     assert all(committed)
 
@@ -254,12 +256,21 @@ def test_unreadable_or_taken_records_are_refused_clearly(redis_url, redis_prefix
         assert response.status_code == 409 and response.json()["error"]["code"] == "state_incompatible"
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_store_limits_and_sweep_agree_across_stores(kind, redis_url, redis_prefix):
-    """Both stores: full -> StoreFull, an owner at its limit -> OwnerLimit, a live session is never evicted,
-    expired ones count for nothing and leave at the sweep."""
+# what limits_and_sweep sees on every store
+LIMITS_AND_SWEEP = {
+    "full": "StoreFull",
+    "owner": "OwnerLimit",
+    "count": 2,
+    "count_after_expiry": 1,
+    "swept": 1,
+    "live_kept": True,
+}
+
+
+async def limits_and_sweep(store: SessionStore) -> dict:
+    """Full -> StoreFull, an owner at its limit -> OwnerLimit, a live session never evicted, expired ones
+    counting for nothing and leaving at the sweep: what ``store`` answers (``LIMITS_AND_SWEEP``)."""
     from models import NTM, NTMConfig
-    from service.sessions.memory import MemoryStore
     from service.sessions.store import OwnerLimit, SessionRecord, StoreFull
 
     state = NTM(NTMConfig(memory_slots=8, memory_width=4, hidden_size=8)).initial_state(1).sessions()[0]
@@ -267,32 +278,32 @@ def test_store_limits_and_sweep_agree_across_stores(kind, redis_url, redis_prefi
     def record(session_id: str, ttl: float, owner: str = "") -> SessionRecord:
         return SessionRecord(session_id, "default", "fp", state, ttl, time.time() + ttl, owner=owner)
 
-    async def scenario() -> dict:
-        store = MemoryStore() if kind == "memory" else RedisStore(redis_url, redis_prefix)
-        seen: dict = {}
-        try:
-            await store.create(record("short", 0.2), max_sessions=2)
-            await store.create(record("live", 60.0, owner="k"), max_sessions=2, max_per_owner=1)
-            for name, limits in (("full", {"max_sessions": 2}), ("owner", {"max_sessions": 3, "max_per_owner": 1})):
-                try:
-                    await store.create(record(name, 60.0, owner="k"), **limits)
-                    seen[name] = "created"
-                except (StoreFull, OwnerLimit) as exc:
-                    seen[name] = type(exc).__name__
-            seen["count"] = await store.count()
-            await asyncio.sleep(0.3)
-            seen["count_after_expiry"] = await store.count()
-            seen["swept"] = await store.sweep()
-            seen["live_kept"] = (await store.get("live")) is not None
-        finally:
-            await store.close()
-        return seen
+    seen: dict = {}
+    try:
+        await store.count()  # connected first: the short session's 0.2 s is for the creates below
+        await store.create(record("short", 0.2), max_sessions=2)
+        await store.create(record("live", 60.0, owner="k"), max_sessions=2, max_per_owner=1)
+        for name, limits in (("full", {"max_sessions": 2}), ("owner", {"max_sessions": 3, "max_per_owner": 1})):
+            try:
+                await store.create(record(name, 60.0, owner="k"), **limits)
+                seen[name] = "created"
+            except (StoreFull, OwnerLimit) as exc:
+                seen[name] = type(exc).__name__
+        seen["count"] = await store.count()
+        await asyncio.sleep(0.3)
+        seen["count_after_expiry"] = await store.count()
+        seen["swept"] = await store.sweep()
+        seen["live_kept"] = (await store.get("live")) is not None
+    finally:
+        await store.close()
+    return seen
 
-    assert asyncio.run(scenario()) == {
-        "full": "StoreFull",
-        "owner": "OwnerLimit",
-        "count": 2,
-        "count_after_expiry": 1,
-        "swept": 1,
-        "live_kept": True,
-    }
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_store_limits_and_sweep_agree_across_stores(kind, redis_url, redis_prefix):
+    """Both stores: full -> StoreFull, an owner at its limit -> OwnerLimit, a live session is never evicted,
+    expired ones count for nothing and leave at the sweep."""
+    from service.sessions.memory import MemoryStore
+
+    store = MemoryStore() if kind == "memory" else RedisStore(redis_url, redis_prefix)
+    assert asyncio.run(limits_and_sweep(store)) == LIMITS_AND_SWEEP

@@ -293,33 +293,36 @@ def test_a_commit_that_meets_a_forgotten_script_is_sent_again(proxy, restartable
     assert asyncio.run(scenario()) == (True, 1, 1)
 
 
+async def token_answers(store: RedisStore) -> list[int]:
+    """The commit script's answers to a re-send of a write among later ones, to a stranger's stale write, and
+    to a re-send after its token fell out of the last ``TOKENS_KEPT``: ``TOKEN_ANSWERS``."""
+    try:
+        record = small_record("tokens")
+        await store.create(record)
+        keys = [store.key("tokens"), *store._slot_mates(record)]
+
+        async def commit(expected: int, token: str) -> int:
+            header, state, ttl_ms, expires = store._write_args(replace(record, version=expected + 1))
+            args = ["tokens", str(expected), str(expected + 1), header, state, ttl_ms, expires, token]
+            return await store._commit(keys=keys, args=args)
+
+        mine, others = "a" * 32, [f"{n:032x}" for n in range(1, 12)]
+        answers = [await commit(0, mine)]  # written: version 1
+        answers += [await commit(n + 1, token) for n, token in enumerate(others[:3])]  # versions 2-4
+        answers += [await commit(0, mine), await commit(0, "b" * 32)]  # a re-send; a stranger's stale write
+        answers += [await commit(n + 4, token) for n, token in enumerate(others[3:10])]  # mine falls out
+        answers.append(await commit(0, mine))
+        return answers
+    finally:
+        await store.close()
+
+
+TOKEN_ANSWERS = [1, 1, 1, 1, 2, 0] + [1] * 7 + [0]
+
+
 def test_a_resent_commit_finds_its_token_after_later_commits(restartable_redis):
     """The script's own rule, through real Redis: a token is recognised among the last writes, and only its own."""
-
-    async def scenario() -> list[bool]:
-        store = RedisStore(restartable_redis.url, "ntmtest:")
-        try:
-            record = small_record("tokens")
-            await store.create(record)
-            keys = [store.key("tokens"), store.index_key, store.owner_key("")]
-
-            async def commit(expected: int, token: str) -> int:
-                header, state, ttl_ms, expires = store._write_args(replace(record, version=expected + 1))
-                args = ["tokens", str(expected), str(expected + 1), header, state, ttl_ms, expires, token]
-                return await store._commit(keys=keys, args=args)
-
-            mine, others = "a" * 32, [f"{n:032x}" for n in range(1, 12)]
-            answers = [await commit(0, mine)]  # written: version 1
-            answers += [await commit(n + 1, token) for n, token in enumerate(others[:3])]  # versions 2-4
-            answers += [await commit(0, mine), await commit(0, "b" * 32)]  # a re-send; a stranger's stale write
-            answers += [await commit(n + 4, token) for n, token in enumerate(others[3:10])]  # mine falls out
-            answers.append(await commit(0, mine))
-            return answers
-        finally:
-            await store.close()
-
-    answers = asyncio.run(scenario())
-    assert answers == [1, 1, 1, 1, 2, 0] + [1] * 7 + [0]
+    assert asyncio.run(token_answers(RedisStore(restartable_redis.url, "ntmtest:"))) == TOKEN_ANSWERS
 
 
 def test_a_step_whose_commit_answer_was_lost_is_applied_once(tiny_checkpoint, proxy):

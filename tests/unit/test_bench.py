@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from bench import model as model_bench
@@ -138,6 +139,33 @@ def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, re
     assert report["redis_memory"]["sessions"] == 20 and report["redis_memory"]["bytes_per_session"] > 1000
     out = capsys.readouterr().out
     assert "steps vs /healthz" in out and "event loop / model" in out and "predict images/s" in out
+
+
+def test_http_bench_starts_throwaway_stores_for_auto_and_takes_the_rest_as_given(monkeypatch):
+    from bench import http
+
+    started = []
+
+    class Throwaway:
+        def __init__(self) -> None:
+            self.url, self.closed = f"redis+cluster://127.0.0.1:{7000 + len(started)}", False
+            started.append(self)
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setitem(http.THROWAWAY, "redis+cluster://auto", Throwaway)
+    stores = ["memory://", "redis://10.0.0.1:6379/0", "redis+cluster://auto"]
+    with http.store_urls(stores) as urls:
+        assert urls == {
+            **{store: store for store in stores[:2]},
+            "redis+cluster://auto": "redis+cluster://127.0.0.1:7000",
+        }
+        assert not started[0].closed
+    assert started[0].closed
+    with pytest.raises(SystemExit) as done:
+        http.main(["--help"])
+    assert done.value.code == 0
 
 
 def test_grpc_bench_runs_every_transport_and_reports(tmp_path, tiny_checkpoint, capsys):

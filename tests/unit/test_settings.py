@@ -23,6 +23,19 @@ def test_several_workers_need_a_shared_store() -> None:
     assert Settings(workers=2, store="redis://127.0.0.1:6379/0").workers == 2
 
 
+def test_a_redis_cluster_store_needs_a_prefix_without_hash_tag_and_room_in_every_shard() -> None:
+    cluster = "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
+    assert Settings(workers=2, store=cluster).store == cluster
+    for values, said in (
+        ({"redis_prefix": "{ntm}:"}, "holds a hash tag"),
+        ({"max_sessions": 8}, "is under 16"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            Settings(store=cluster, **values)
+        assert said in describe_settings_error(caught.value)
+    assert Settings(store="redis://127.0.0.1:6379/0", redis_prefix="{ntm}:", max_sessions=8).max_sessions == 8
+
+
 def test_the_default_ttl_may_not_pass_the_longest() -> None:
     with pytest.raises(ValidationError) as caught:
         Settings(session_ttl_seconds=120, max_session_ttl_seconds=60)
