@@ -12,10 +12,10 @@ reloads its append-only file). Then every session a client finished is checked:
 
 - its stored step count equals the steps its client saw succeed (none lost, none added);
 - its stored state equals a one-process replay of its episode (``forward_sequence``), and so do
-  the probabilities the client was answered at every step (nothing applied twice): to 1e-5 plus
-  1e-4 of the value. The replay sums in batches of other sizes than the served steps did, which
-  moves float32 results by about 2e-5 on the shipped models over 20 steps; a step applied twice
-  moves them by tenths;
+  the probabilities the client was answered at every step (nothing applied twice): to 1e-4 plus
+  1e-3 of the value. The replay sums in batches of other sizes than the served steps did, which
+  moves float32 results of the shipped ``fast`` model by up to 5.5e-5 over 50 steps (measured over
+  41,800 steps); a step applied twice, or one lost, moves them by tenths;
 - no request was answered with an error other than the retryable ones.
 
 It reports steps/s (successful steps over the run's wall time, faults included), the requests
@@ -47,7 +47,7 @@ from service.sessions.redis import RedisStore
 from tests.servers import RedisServer, ServerProcess
 
 RETRYABLE = {429, 503}
-ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE = 1e-5, 1e-4
+ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE = 1e-4, 1e-3
 BACKOFF_SECONDS = 0.05
 NUM_LABELS = 5
 

@@ -252,6 +252,6 @@ def test_the_chaos_check_flags_a_lost_step_and_a_state_that_is_not_the_replay(ti
     assert (
         "stored 5 steps, its client saw 6 succeed" in chaos.verify(tiny_checkpoint, [log], lost, steps)["problems"][0]
     )
-    moved = PackedState(records[1].state.data + 1e-3, layout)
+    moved = PackedState(records[1].state.data + 1e-2, layout)
     doubled = [records[0], dataclasses.replace(records[1], state=moved)]
     assert "1 sessions differ from the replay" in chaos.verify(tiny_checkpoint, [log], doubled, steps)["problems"][0]
