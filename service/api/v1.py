@@ -70,6 +70,16 @@ def inline_gray(image: ImageIn, max_side: int) -> np.ndarray:
     return pixels_array(image.pixels or [], max_side)
 
 
+def schema_ref(name: str) -> dict:
+    """A reference to one of the components ``app._openapi_with_step_schemas`` adds."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_body_doc(schema: dict, required: bool = True, **media: object) -> dict:
+    """OpenAPI's ``requestBody`` of a route that validates its JSON body itself from the raw bytes."""
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema, **media}}}}
+
+
 @router.get("/models", response_model=ModelsOut, summary="The models this replica serves")
 async def list_models(engine: Engine) -> JSONResponse:
     return JSONResponse({"models": [m.describe() for m in engine.registry.models.values()]})
@@ -83,16 +93,7 @@ CREATE_FORM = TypeAdapter(CreateSessionIn | None)
     status_code=201,
     response_model=SessionOut,
     summary="Open a session (a fresh episode)",
-    openapi_extra={
-        "requestBody": {
-            "required": False,
-            "content": {
-                "application/json": {
-                    "schema": {"anyOf": [{"$ref": "#/components/schemas/CreateSessionIn"}, {"type": "null"}]}
-                }
-            },
-        }
-    },
+    openapi_extra=json_body_doc({"anyOf": [schema_ref("CreateSessionIn"), {"type": "null"}]}, required=False),
 )
 async def create_session(request: Request, engine: Engine, owner: Owner) -> JSONResponse:
     """The body is validated here, from the raw bytes, as the step and predict routes do: a body that is
@@ -135,23 +136,14 @@ async def get_session(session_id: SessionId, engine: Engine, owner: Owner) -> JS
 
 
 STEP_FORMS = {False: TypeAdapter(StepIn), True: TypeAdapter(StepsIn)}  # keyed by: is it the batch form?
-STEP_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [{"$ref": "#/components/schemas/StepIn"}, {"$ref": "#/components/schemas/StepsIn"}]
-                },
-                "examples": {
-                    "one step": {"value": {"image": {"pixels": EXAMPLE_PIXELS}, "label": "a"}},
-                    "a query": {"value": {"image": {"pixels": EXAMPLE_PIXELS}}},
-                    "several steps": {"value": {"steps": [{"image": {"pixels": EXAMPLE_PIXELS}, "label": "a"}]}},
-                },
-            }
-        },
-    }
-}
+STEP_BODY_DOC = json_body_doc(
+    {"oneOf": [schema_ref("StepIn"), schema_ref("StepsIn")]},
+    examples={
+        "one step": {"value": {"image": {"pixels": EXAMPLE_PIXELS}, "label": "a"}},
+        "a query": {"value": {"image": {"pixels": EXAMPLE_PIXELS}}},
+        "several steps": {"value": {"steps": [{"image": {"pixels": EXAMPLE_PIXELS}, "label": "a"}]}},
+    },
+)
 
 
 @router.post(
@@ -248,12 +240,7 @@ PREDICT_FORM = TypeAdapter(PredictIn)
     summary="Classify images against the session as it is (read-only)",
     description="Each image is answered as the session's next step without a label would be; the session does not "
     "change (no step, no commit, its expiry is not moved), so predictions run in parallel with each other and with steps.",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictIn"}}},
-        }
-    },
+    openapi_extra=json_body_doc(schema_ref("PredictIn")),
 )
 async def predict(session_id: SessionId, request: Request) -> JSONResponse:
     """Documents the predict route; requests are answered by ``service.api.fastpath`` (see ``run_predict``)."""
@@ -292,12 +279,7 @@ PREPROCESS_FORM = TypeAdapter(PreprocessIn)
     description="Decodes and checks the image as a step does, then runs the preprocessing training and serving share "
     "(models.data.preprocess): the answer is the model's input exactly, to show a drawing as the model saw it. No "
     "session is read or changed.",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PreprocessIn"}}},
-        }
-    },
+    openapi_extra=json_body_doc(schema_ref("PreprocessIn")),
 )
 async def preprocess_image(request: Request, engine: Engine) -> JSONResponse:
     """``models.data.preprocess`` itself, so that a client showing the model's input never needs a copy of it.
