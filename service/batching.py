@@ -275,14 +275,15 @@ class MicroBatcher:
             self._carry = None if not keep else new_states if unchanged else new_states.select(keep)
         except Exception as exc:  # a failing batch fails its requests, never the worker
             finished, remaining, self._carry = [(job, exc) for job in active], [], None
+        batch_rows = sum(job.rows for job in active)
         if self.tracer is not None:
-            call = (started_ns, time.time_ns(), sum(job.rows for job in active))
+            call = (started_ns, time.time_ns(), batch_rows)
             for job in active:
                 if job.calls is not None:
                     job.calls.append(call)
         if self._observe is not None:
             try:
-                self._observe(sum(job.rows for job in active), wait, time.perf_counter() - started)
+                self._observe(batch_rows, wait, time.perf_counter() - started)
             except Exception:  # metrics never stop the model
                 log.exception("batch observer failed")
         # One wake-up per event loop for all the jobs finished here, not one per session.
