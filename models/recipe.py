@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "ntm": [
             "--encoder", "conv4", "--addressing", "prototype", "--memory-width", "69", "--hidden-size", "128",
             "--batch-size", "16", "--lr", "1e-3", "--encoder-lr-scale", "0", "--warmup", "100", "--iterations", "1000000",
-            "--max-minutes", "38", "--val-every", "500", "--val-episodes", "500",
+            "--max-minutes", "38", "--val-every", "500", "--val-episodes", "500", "--calibration-episodes", "4000",
         ],
         "calibration": list(CALIBRATION_ALPHABETS),
         "eval": ["--episodes", "1000"],
@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "ntm": [
             "--encoder", "conv4", "--conv-channels", "8", "8", "8", "8", "--addressing", "keyed", "--memory-width",
             "13", "--memory-slots", "16", "--hidden-size", "16", "--batch-size", "4", "--iterations", "6",
-            "--val-every", "3", "--val-episodes", "10", "--warmup", "2",
+            "--val-every", "3", "--val-episodes", "10", "--calibration-episodes", "10", "--warmup", "2",
         ],
         "calibration": ["Beta"],
         "eval": ["--episodes", "20"],

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.calibration import CALIBRATION_EPISODES, CALIBRATION_SEED, calibrate_novelty
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, resolve_device, save_checkpoint
 from models.config import ADDRESSINGS, NTMConfig
 from models.data.episodes import EpisodeSampler, evaluation_sampler
@@ -35,7 +36,6 @@ from models.distributed import data_parallel, join_from_env, leave
 from models.evaluate import evaluate
 from models.ntm import NTM
 from models.protonet import ProtoNet
-from models.scoring import by_instance, per_episode_accuracy
 
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -61,6 +61,7 @@ class TrainOptions:
     max_rotation_deg: float = 10.0
     validation_alphabets: tuple[str, ...] = VALIDATION_ALPHABETS
     calibration_alphabets: tuple[str, ...] = ()
+    calibration_episodes: int = CALIBRATION_EPISODES
     val_every: int = 500
     val_episodes: int = 500
     checkpoint_minutes: float = 3.0
@@ -212,55 +213,6 @@ def init_from_protonet(model: NTM, protonet: ProtoNet) -> None:
     model.encoder.load_state_dict(protonet.encoder.state_dict())
     if cfg.keyed:
         model.head_proj.bias[1] = -float(protonet.novelty_threshold)
-
-
-CALIBRATION_SEED = 2468
-NOVELTY_OFFSETS = tuple(x / 8 for x in range(-32, 33))  # -4 .. 4 in steps of 0.125
-
-
-@torch.inference_mode()
-def calibrate_novelty(model: NTM, sampler: EpisodeSampler, episodes: int) -> dict:
-    """Shift the keyed memory's "none" score by the offset whose worst instance is best on ``sampler``.
-
-    The novelty decision is the one part of the model whose best setting moves between the
-    alphabets it was meta-trained on and unseen ones: trained to its loss, it says "new" too
-    rarely on unseen alphabets. So, as a protonet's threshold is fit on alphabets its rule was
-    not fit on, the offset is fit on alphabets no stage trained on (calibration alphabets), by
-    trying every offset in ``NOVELTY_OFFSETS``. The offset trades the 1st instance (saying
-    "new") against the 2nd (recognising a class seen once); overall accuracy barely moves
-    along that trade, so the criterion is the accuracy of the worst reported instance (ties:
-    overall accuracy, then the smallest change). The encoder and the input projection run
-    once; only the recurrence is repeated per offset.
-    """
-    model.eval()
-    batch = sampler.sample(episodes)
-    pre = model.precompute_inputs(batch.images, batch.label_inputs)
-    bias = model.head_proj.bias
-    start = bias[1].item()
-    scores: dict[float, tuple[float, float]] = {}
-    tables: dict[float, dict] = {}
-    for offset in NOVELTY_OFFSETS:
-        bias[1] = start + offset
-        state, logits = model.initial_state(batch.images.shape[1]), []
-        for pre_t in pre.unbind(0):
-            out, state = model.recurrent_step(pre_t, state)
-            logits.append(out)
-        correct = torch.stack(logits).argmax(-1) == batch.targets
-        tables[offset] = by_instance(per_episode_accuracy(correct, batch.instance, sampler.shots))
-        worst = min(row["accuracy"] for row in tables[offset].values())
-        scores[offset] = (worst, correct.float().mean().item())
-    best = max(NOVELTY_OFFSETS, key=lambda o: (*scores[o], -abs(o)))
-    bias[1] = start + best
-    return {
-        "offset": best,
-        "criterion": "the worst reported instance's accuracy",
-        "worst_instance": scores[best][0],
-        "accuracy": scores[best][1],
-        "accuracy_without": scores[0.0][1],
-        "by_instance": {k: row["accuracy"] for k, row in tables[best].items()},
-        "by_instance_without": {k: row["accuracy"] for k, row in tables[0.0].items()},
-        "episodes": episodes,
-    }
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
@@ -451,7 +403,7 @@ class Trainer:
         calibration = None
         if self.calibration_data is not None and self.config.keyed:
             sampler = evaluation_sampler(self.calibration_data, self.config.num_ways, opts.shots, CALIBRATION_SEED)
-            calibration = calibrate_novelty(self.model, sampler, opts.val_episodes)
+            calibration = calibrate_novelty(self.model, sampler, opts.calibration_episodes)
             calibration["alphabets"] = list(opts.calibration_alphabets)
         final = self.validate()
         self._write({"kind": "val", **final})
@@ -588,6 +540,12 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         default=[],
         help="training alphabets left out of this stage, to fit the keyed memory's novelty offset on after it",
     )
+    parser.add_argument(
+        "--calibration-episodes",
+        type=int,
+        default=CALIBRATION_EPISODES,
+        help="episodes of the calibration alphabets the novelty offset is fit on",
+    )
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--val-episodes", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -665,6 +623,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
         max_rotation_deg=args.max_rotation,
         validation_alphabets=tuple(args.validation_alphabets),
         calibration_alphabets=tuple(args.calibration_alphabets),
+        calibration_episodes=args.calibration_episodes,
         val_every=args.val_every,
         val_episodes=args.val_episodes,
         checkpoint_minutes=args.checkpoint_minutes,

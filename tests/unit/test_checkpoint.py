@@ -92,16 +92,15 @@ def test_every_shipped_model_records_both_no_memory_baselines_on_the_same_episod
 
 
 def test_the_default_model_record_against_its_accuracy_targets():
-    """What the record shows, target by target (the README's limits name the one it misses): >= 96% at the
-    1st and 2nd instances and >= 99.5% at the 10th; within 0.3 points of the better no-memory baseline at
-    every instance from the 1st to the 10th; above both at the 2nd; at the 1st 0.24 points under the
-    protonet's 96.9%, so not above both there."""
+    """What the record shows, target by target: >= 96% at the 1st and 2nd instances and >= 99.5% at the
+    10th; within 0.3 points of the better no-memory baseline at every instance from the 1st to the 10th;
+    above both at the 1st and the 2nd (at the 1st by 0.02 points, inside either interval: the README says so)."""
     record = json.loads((Path(models.__file__).parent / "pretrained" / "metrics.json").read_text())
     model = {k: v["accuracy"] for k, v in record["evaluation"]["by_every_instance"].items()}
     best = {k: max(b["by_every_instance"][k]["accuracy"] for b in record["baselines"].values()) for k in model}
     assert list(model) == [str(k) for k in range(1, 11)]
     assert all(model[k] >= best[k] - 0.003 for k in model), (model, best)
-    assert model["2"] > best["2"], (model, best)
+    assert model["1"] > best["1"] and model["2"] > best["2"], (model, best)
     assert model["1"] >= 0.96 and model["2"] >= 0.96 and model["10"] >= 0.995
     assert record["training"]["recipe"] == "ntm-recipe --out runs"
     assert "--init-from" not in json.dumps(record["training"]["stages"])  # trained from nothing

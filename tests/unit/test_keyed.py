@@ -1,5 +1,7 @@
 """The feature-keyed LRUA memory: rows of (key, label), a soft nearest-neighbour read, and its start from a protonet."""
 
+import json
+
 import pytest
 import torch
 
@@ -120,7 +122,7 @@ def test_a_class_mass_is_the_mean_of_its_kernels_with_the_count_offset():
 
 
 def test_the_novelty_offset_fit_is_the_best_on_its_episodes_and_is_applied(omniglot_zip):
-    from models.train import NOVELTY_OFFSETS, calibrate_novelty
+    from models.calibration import NOVELTY_OFFSETS, calibrate_novelty
 
     model = keyed()
     sampler = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=8)
@@ -137,3 +139,50 @@ def test_the_novelty_offset_fit_is_the_best_on_its_episodes_and_is_applied(omnig
     assert correct.float().mean().item() == result["accuracy"]
     table = by_instance(per_episode_accuracy(correct, batch.instance, 4))
     assert {k: row["accuracy"] for k, row in table.items()} == result["by_instance"]
+
+
+def test_ntm_calibrate_refits_from_the_uncalibrated_bias_so_a_second_run_changes_nothing(omniglot_zip, tmp_path):
+    from models.calibration import CALIBRATION_FILE, main
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    model = keyed(addressing="prototype")
+    save_checkpoint(model, tmp_path)
+    base = model.head_proj.bias[1].item()
+    argv = [
+        "--model",
+        str(tmp_path),
+        "--data",
+        str(omniglot_zip),
+        "--alphabets",
+        "Beta",
+        "Gamma",
+        "--episodes",
+        "12",
+        "--shots",
+        "4",
+    ]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    assert first["base_bias"] == base and first["alphabets"] == ["Beta", "Gamma"] and first["episodes"] == 12
+    calibrated = load_checkpoint(tmp_path).head_proj.bias[1].item()
+    assert calibrated == pytest.approx(base + first["offset"], abs=1e-6)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / CALIBRATION_FILE).read_text()) == first
+    assert load_checkpoint(tmp_path).head_proj.bias[1].item() == calibrated
+
+
+def test_calibration_in_chunks_scores_every_episode_of_every_chunk(omniglot_zip):
+    from models.calibration import calibrate_novelty
+
+    data = load_omniglot(omniglot_zip, 28).as_array()
+    whole = calibrate_novelty(keyed(), evaluation_sampler(data, 5, 4, seed=8), 20, chunk=20)
+    model = keyed()
+    chunked = calibrate_novelty(model, evaluation_sampler(data, 5, 4, seed=8), 20, chunk=7)
+    sampler = evaluation_sampler(data, 5, 4, seed=8)
+    batches = [sampler.sample(n) for n in (7, 7, 6)]
+    with torch.no_grad():
+        correct = torch.cat(
+            [model.forward_sequence(b.images, b.label_inputs)[0].argmax(-1) == b.targets for b in batches], dim=1
+        )
+    assert chunked["episodes"] == whole["episodes"] == 20
+    assert correct.float().mean().item() == pytest.approx(chunked["accuracy"], abs=1e-6)
