@@ -44,7 +44,7 @@ class ConvEncoder(nn.Module):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         blockable = x.shape[0] >= onednn.MIN_BATCH and x.device.type == "cpu" and x.dtype == torch.float32
-        if not blockable or torch.is_grad_enabled() or not onednn.available():
+        if torch.compiler.is_compiling() or not blockable or torch.is_grad_enabled() or not onednn.available():
             return self.convs(x)
         if self._blocked is None or not self._blocked.is_current():
             self._blocked = onednn.BlockedConvStack([m for m in self.convs if isinstance(m, nn.Conv2d)])
@@ -101,7 +101,7 @@ class Conv4Encoder(nn.Module):
         x = images.unsqueeze(1)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.training or torch.is_grad_enabled() or self._versionless():
+        if self.training or torch.is_grad_enabled() or self._versionless() or torch.compiler.is_compiling():
             return self.blocks(x).flatten(1)
         if self._folded is None or not self._folded.is_current():
             self._folded = FoldedConvStack(self.blocks)

@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
             metrics.batch_observer,
             settings.model_thread_nice,
             tracer,
+            settings.compile,
         )
         store = open_store(settings)
         engine = SessionEngine(settings, registry, store, metrics, tracer)

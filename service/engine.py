@@ -106,9 +106,11 @@ class SessionEngine:
             raise unavailable("the session store is unavailable; retry shortly") from None
 
     async def not_ready_reason(self) -> str | None:
-        """Why this replica should get no traffic now (None: ready): draining, or the store unreachable."""
+        """Why this replica should get no traffic now (None: ready): draining, warming up, or the store unreachable."""
         if self.draining:
             return "the service is shutting down"
+        if warming := self.registry.warming_up():
+            return f"compiling the model step (warm-up) of {', '.join(warming)}"
         try:
             reachable = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_seconds)
         except Exception:

@@ -67,6 +67,7 @@ class ModelRegistry:
         observer_for: Callable[[str], Callable[[int, float, float], None]] | None = None,
         nice: int = 0,
         tracer: Tracer | None = None,
+        compile: bool = False,
     ) -> ModelRegistry:
         if not paths:
             raise ValueError("no model to serve: give at least one checkpoint directory")
@@ -78,9 +79,13 @@ class ModelRegistry:
             with torch.inference_mode():
                 initial = model.initial_state(1).sessions()[0]
             observe = observer_for(name) if observer_for is not None else None
-            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice, tracer)
+            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice, tracer, compile)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
+
+    def warming_up(self) -> list[str]:
+        """The models whose batcher is still compiling its step (``MicroBatcher.ready`` not set)."""
+        return [name for name, served in self.models.items() if not served.batcher.ready.is_set()]
 
     def get(self, name: str | None) -> ServedModel | None:
         return self.default if name is None else self.models.get(name)

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="cpu, cuda or auto")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    compile: bool = Field(
+        True,
+        description="compile each model's recurrent step with torch.compile for a ladder of batch sizes before "
+        "traffic (/readyz says 503 until then); 0: eager",
+    )
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_seconds: float = Field(

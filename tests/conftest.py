@@ -22,6 +22,8 @@ torch.set_num_threads(1)
 # In-process apps (tests/api) serve no gRPC: each would bind port 8001, the default. Servers in
 # subprocesses (tests.servers) get NTM_GRPC_PORT of their own, a free port.
 os.environ["NTM_GRPC_PORT"] = "0"
+# Apps and servers run their models eagerly unless a test asks for compiling (a warm-up takes seconds).
+os.environ["NTM_COMPILE"] = "0"
 
 FIXTURE_ALPHABETS = ("Alpha", "Beta", "Gamma")
 CHARACTERS_PER_ALPHABET = 4

@@ -52,7 +52,8 @@ class ServerProcess:
 
     By default ``python -m uvicorn service.app:app_from_env --factory`` on a free port, with
     ``env`` (NTM_* variables) on top of a clean environment; ``args`` runs another command
-    line (``ntm-serve``, say) that listens on ``port``. Its gRPC server listens on another free
+    line (``ntm-serve``, say) that listens on ``port``. It runs the model eagerly (NTM_COMPILE=0: a compile
+    warm-up takes seconds) unless ``env`` says otherwise. Its gRPC server listens on another free
     port (``grpc_target``), unless ``env`` names NTM_GRPC_PORT. ``cwd``: the checkout whose code it
     runs (this one by default; ``bench.http_ab`` runs another beside it). ``stop`` sends SIGTERM and waits.
     """
@@ -77,7 +78,8 @@ class ServerProcess:
             os.close(handle)
             log_path = Path(name)
         self.log_path = log_path
-        full_env = {**server_env(log_level=log_level, threads="1", grpc_port=str(self.grpc_port)), **(env or {})}
+        base = server_env(log_level=log_level, threads="1", grpc_port=str(self.grpc_port), compile="0")
+        full_env = {**base, **(env or {})}
         if args is None:
             args = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1"]
             args += ["--port", str(self.port), "--log-level", log_level, "--no-access-log"]

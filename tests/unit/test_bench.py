@@ -32,7 +32,15 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
         "us_per_step_batch_1",
         "targets",
     }
-    assert set(data["steps_per_s"]) == {"prototype_conv4", "ntm_conv", "ntm_flatten", "lrua_flatten", "seed"}
+    assert set(data["steps_per_s"]) == {
+        "prototype_conv4",
+        "prototype_conv4_compiled",
+        "ntm_conv",
+        "ntm_conv_compiled",
+        "ntm_flatten",
+        "lrua_flatten",
+        "seed",
+    }
     assert all(rates["1"] > 0 for rates in data["steps_per_s"].values())
     assert "us_batch_1" in data["targets"]
     assert "| batch |" in capsys.readouterr().out
