@@ -56,7 +56,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip check
 
 # Drop what torch ships for building C++ extensions and for its own C++ tests (about 150 MB):
-# nothing here compiles (no torch.compile; the runtime stage has no compiler either).
+# nothing here compiles. The image serves eagerly (NTM_COMPILE=0 below): TorchInductor's CPU
+# graphs need these headers and a C++ compiler at start-up, and a warm-up without a filled
+# cache takes 87 s on two cores (docs/operations.md, "Compiled steps").
 RUN rm -rf "${VIRTUAL_ENV}"/lib/python*/site-packages/torch/include \
            "${VIRTUAL_ENV}"/lib/python*/site-packages/torch/test
 
@@ -77,6 +79,7 @@ ENV PATH="${VIRTUAL_ENV}/bin:${PATH}" \
     NTM_STORE=memory:// \
     NTM_WORKERS=1 \
     NTM_DEVICE=cpu \
+    NTM_COMPILE=0 \
     NTM_LOG_LEVEL=info
 
 # Owned by root, read-only for the service user.

@@ -65,10 +65,11 @@ def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
     return body
 
 
-def server_env(store: str = "memory://", model: str | None = None) -> dict[str, str]:
+def server_env(store: str = "memory://", model: str | None = None, compile: str = "0") -> dict[str, str]:
     """The benchmarked server's settings: one torch thread, no access log, room for every session."""
     env = {
         "NTM_STORE": store,
+        "NTM_COMPILE": compile,
         "NTM_ACCESS_LOG": "false",
         "NTM_LOG_LEVEL": "warning",
         "NTM_THREADS": "1",
@@ -107,9 +108,15 @@ def open_sessions(url: str, count: int) -> list[str]:
 
 
 def measure_store(
-    store: str, model: str | None, seconds: float, concurrency: int, cpus: tuple[int, int], image: str = "pixels"
+    store: str,
+    model: str | None,
+    seconds: float,
+    concurrency: int,
+    cpus: tuple[int, int],
+    image: str = "pixels",
+    compile: str = "0",
 ) -> dict:
-    server = ServerProcess(server_env(store, model)).wait_ready()
+    server = ServerProcess(server_env(store, model, compile)).wait_ready(timeout=600)  # a cold warm-up: minutes
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         host, port = "127.0.0.1", server.port
@@ -140,6 +147,7 @@ def measure_store(
     return {
         "store": store,
         "image": image,
+        "compile": compile,
         "single_client_p50_ms": 1000 * latency.percentile(0.50),
         "single_client_p99_ms": 1000 * latency.percentile(0.99),
         "single_client_steps_per_s": latency.rate,
@@ -238,21 +246,32 @@ def main(argv: list[str] | None = None) -> int:
         default=["pixels", "png", "gray8"],
         help="step image encodings to measure",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=["0", "1"],
+        default=["0"],
+        help="NTM_COMPILE of the server: 0 eager, 1 the compiled step; both: side by side",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     stores = args.store or ["memory://"]
     cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
     with store_urls(stores) as urls:
         results = [
-            {**measure_store(urls[store], args.model, args.seconds, args.concurrency, cpus, image), "store": store}
+            {
+                **measure_store(urls[store], args.model, args.seconds, args.concurrency, cpus, image, compile),
+                "store": store,
+            }
             for store in stores
             for image in args.image
+            for compile in args.compile
         ]
         memory = first_redis_memory(stores, urls, args.idle_sessions)
     rows = [
         [
             r["store"],
-            r["image"],
+            r["image"] + (", compiled" if r["compile"] == "1" else ""),
             f"{r['single_client_p50_ms']:.2f} / {r['single_client_p99_ms']:.2f}",
             f"{r['healthz_per_s']:,.0f}",
             f"{r['sessions_steps_per_s']:,.0f}",

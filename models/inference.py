@@ -56,16 +56,20 @@ def rung(ladder: tuple[int, ...], rows: int) -> int | None:
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """``tensor`` with its last row repeated up to ``rows`` rows, as an inference tensor.
+    """``tensor`` with its last row repeated up to ``rows`` rows, as a contiguous inference tensor.
 
-    Under ``torch.inference_mode`` a view of an ordinary tensor stays ordinary (a fresh
-    session's LSTM state at batch 1 is a view of the learned h_0), and a graph that dynamo
-    compiled for inference tensors would be recompiled for it; so such a tensor is copied.
+    A graph is compiled for contiguous inference tensors, and dynamo guards on both: the
+    states of sessions that join a call are views into their packed vectors (strided by the
+    whole state), and under ``torch.inference_mode`` a view of an ordinary tensor stays
+    ordinary (a fresh session's LSTM state at batch 1 is a view of the learned h_0). Either
+    would make dynamo compile the step again, so such a tensor is copied.
     """
     missing = rows - tensor.shape[0]
     if missing > 0:
         return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
-    return tensor if tensor.is_inference() else tensor.clone()
+    if tensor.is_inference() and tensor.is_contiguous():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 class EagerRunner:

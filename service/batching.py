@@ -304,8 +304,9 @@ class MicroBatcher:
                 if joined:
                     if any(job.state.layout != layout for job in joined):
                         raise ValueError("cannot batch states of different layouts")
-                    rows = [job.state.data.to(device).expand(job.rows, -1) for job in joined]
-                    incoming = NTMState.unpack(torch.cat(rows), layout)
+                    # One slab of the joining states, gathered on the host and moved in one copy.
+                    rows = torch.cat([job.state.data.expand(job.rows, -1) for job in joined])
+                    incoming = NTMState.unpack(rows.to(device, non_blocking=True), layout)
                     states = incoming if states is None else NTMState.stack([states, incoming])
                     self._precompute(joined, device)
                 inputs = torch.stack(

@@ -41,6 +41,8 @@ def test_the_ladder_doubles_up_to_the_largest_batch_and_a_call_takes_the_next_ru
     ordinary = torch.zeros(2, 2)
     with torch.inference_mode():
         assert pad_rows(ordinary, 2).is_inference() and pad_rows(ordinary[:1], 1).is_inference()
+        strided = torch.zeros(4, 6)[:, :3]  # a session's memory inside its packed state is such a view
+        assert pad_rows(strided, 4).is_contiguous() and pad_rows(strided, 4).is_inference()
 
 
 def steps(runner: EagerRunner, model: NTM, rows: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -99,6 +101,10 @@ async def test_a_compiling_batcher_is_ready_after_its_warm_up_and_answers_as_an_
         )
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=TOLERANCE)
         torch.testing.assert_close(got_state.data, want_state.data, rtol=0, atol=TOLERANCE)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        joined = [compiled.run(initial, images[:n], slots[:n]) for n in (1, 2, 3)]  # states from packed views
+        await asyncio.gather(*joined)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # served by the warm graphs
         predicted = await compiled.predict(initial, images[:3], -1)
         np.testing.assert_allclose(np.array(predicted), np.array(await eager.predict(initial, images[:3], -1)),
                                    rtol=0, atol=TOLERANCE)  # fmt: skip

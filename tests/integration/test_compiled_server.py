@@ -1,0 +1,54 @@
+"""A server that compiles its model step (NTM_COMPILE=1): not ready until warm, then the eager answers."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.api.support import random_pixels, step_body
+from tests.servers import ServerProcess
+
+TOLERANCE = 1e-5
+
+
+def first_readiness(server: ServerProcess, timeout: float = 60.0) -> httpx.Response:
+    """The first /readyz answer the server gives (it listens before its models are warm)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(server.url + "/readyz", timeout=5.0)
+        time.sleep(0.02)
+    raise AssertionError(f"no answer from /readyz:\n{server.log()}")
+
+
+def episode(server: ServerProcess, images: list[list[list[int]]]) -> list[list[float]]:
+    with httpx.Client(base_url=server.url, timeout=30.0) as client:
+        session = client.post("/v1/sessions", json={}).json()["session_id"]
+        return [
+            client.post(f"/v1/sessions/{session}/steps", json=step_body(image, label=t % 3)).json()["probabilities"]
+            for t, image in enumerate(images)
+        ]
+
+
+def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one(tiny_checkpoint: Path, tmp_path: Path):
+    common = {"NTM_MODELS": str(tiny_checkpoint), "NTM_MAX_BATCH": "4"}
+    # A cache of its own, empty: the warm-up compiles, so it outlasts the server's start.
+    compiled = ServerProcess({**common, "NTM_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+                             log_path=tmp_path / "compiled.log", log_level="info")  # fmt: skip
+    eager = ServerProcess(common, log_path=tmp_path / "eager.log")
+    try:
+        first = first_readiness(compiled)
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "not_ready" and "warm-up" in first.json()["error"]["message"]
+        compiled.wait_ready(timeout=180)
+        eager.wait_ready()
+        assert '"runner": "compiled"' in compiled.log() and '"message": "model warm"' in compiled.log()
+        images = [random_pixels(seed) for seed in range(8)]
+        np.testing.assert_allclose(episode(compiled, images), episode(eager, images), rtol=0, atol=TOLERANCE)
+    finally:
+        compiled.stop()
+        eager.stop()
