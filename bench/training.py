@@ -132,6 +132,7 @@ def _data_parallel_worker(
     if group.is_main:
         Path(out).write_text(str(rate))
     if group.distributed:
+        dist.barrier()  # no rank tears the group down while another still receives the last broadcast
         dist.destroy_process_group()
 
 
