@@ -40,6 +40,7 @@ from bench.loadgen import LoadResult, generate_load, http_request, run_in_child
 from tests.servers import ServerProcess
 
 TRANSPORTS = ("grpc-unary", "grpc-stream", "v2-rest", "v1")
+TARGET_STREAM_RATIO = 1.5  # gRPC streaming's steps/s over REST /v2's
 REQUESTS_PER_SEQUENCE = 16  # distinct pre-encoded steps each sequence cycles through
 SERVICE = "/inference.GRPCInferenceService"
 STREAM_ERROR_TAG = b"\x0a"  # ModelStreamInferResponse field 1 (error_message), which leads only an error answer
@@ -267,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"model {report['model']}, store {report['store']}")
     print(markdown_table(header, rows))
+    rates = {r["transport"]: r["steps_per_s"] for r in report["results"]}
+    report["ratios_to_v2_rest"] = {t: rates[t] / rates["v2-rest"] for t in TRANSPORTS[:2] if rates["v2-rest"]}
+    for transport, ratio in report["ratios_to_v2_rest"].items():
+        print(f"{transport} / v2-rest: {ratio:.2f}x")
+    print(f"Target: grpc-stream >= {TARGET_STREAM_RATIO}x REST /v2's steps/s")
     report.update({"concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds})
     write_json(args.json, report)
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from service.engine import COMMIT_ATTEMPTS, SessionEngine, StepInput, unavailabl
 from service.errors import APIError
 from service.images import decode_base64, decode_png_async, gray_array
 from service.logs import log
+from service.middleware import new_request_id
 from service.registry import ServedModel
 from service.sessions.store import SessionExists, SessionRecord
 
@@ -337,7 +337,7 @@ async def step_in_order(
     for attempt in range(ORDER_ATTEMPTS):
         pinned = StepInput(step.image, step.label, record.steps)
         try:
-            digest = secrets.token_hex(16)  # counted against the step rate limit once, on its first attempt
+            digest = f"oip-{new_request_id()}"  # unique per attempt; counted against the rate limit on the first
             results = await engine.step(record.session_id, [pinned], digest, owner, client, rate_limited=attempt == 0)
             return results[0], record.labels
         except APIError as exc:

@@ -185,6 +185,7 @@ def test_grpc_bench_runs_every_transport_and_reports(tmp_path, tiny_checkpoint, 
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and report["concurrency"] == 4
     assert [r["transport"] for r in report["results"]] == ["grpc-unary", "grpc-stream", "v2-rest", "v1"]
+    assert set(report["ratios_to_v2_rest"]) == {"grpc-unary", "grpc-stream"}
     for r in report["results"]:
         assert r["errors"] == 0 and r["steps"] > 0 and r["steps_per_s"] > 0, r
         assert 0 < r["p50_ms"] <= r["p99_ms"], r

@@ -110,6 +110,8 @@ def parameter(value: pb.InferParameter) -> Any:
 
 
 def parameters(entries: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    if not entries:  # most tensors carry none: no iterator over an empty map
+        return {}
     return {key: parameter(value) for key, value in entries.items()}
 
 
@@ -148,11 +150,14 @@ def inference_request(message: pb.ModelInferRequest) -> oip.InferenceRequest:
     return oip.InferenceRequest(inputs, parameters(message.parameters), message.id or None, outputs or None)
 
 
-def inference_response(answer: oip.InferenceResponse) -> pb.ModelInferResponse:
-    """OIP "Inference Response", each output's data in raw_output_contents (as Triton answers over gRPC)."""
-    message = pb.ModelInferResponse(
-        model_name=answer.model_name, model_version=answer.model_version, id=answer.id or ""
-    )
+def inference_response(
+    answer: oip.InferenceResponse, message: pb.ModelInferResponse | None = None
+) -> pb.ModelInferResponse:
+    """OIP "Inference Response", each output's data in raw_output_contents (as Triton answers over gRPC);
+    written into ``message`` when given (a stream response's ``infer_response``, filled in place, not copied)."""
+    if message is None:
+        message = pb.ModelInferResponse()
+    message.model_name, message.model_version, message.id = answer.model_name, answer.model_version, answer.id or ""
     for name in answer.outputs:
         message.outputs.add(name=name, datatype="FP32", shape=list(answer.probabilities.shape))
         message.raw_output_contents.append(answer.probabilities.tobytes())
@@ -176,6 +181,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.keys = key_bytes(keys)
         self.draining = asyncio.Event()
         self.steps: set[asyncio.Task[None]] = set()  # every stream request in flight, held until it is answered
+        self._latency: dict[tuple[str, grpc.StatusCode], Any] = {}  # the histogram's child of each method and code
 
     # ------------------------------------------------------------------ plumbing
 
@@ -192,8 +198,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def observe(self, method: str, started: float, failure: Failure | None) -> None:
         """Request latency as HTTP's (method "GRPC", the method's path, the status' name), errors by code."""
         code = grpc.StatusCode.OK if failure is None else failure.code
-        route = f"/{SERVICE}/{method}"
-        self.metrics.request_latency.labels("GRPC", route, code.name).observe(time.perf_counter() - started)
+        child = self._latency.get((method, code))
+        if child is None:  # looked up once: labels() takes a lock and builds its key at every call
+            child = self.metrics.request_latency.labels("GRPC", f"/{SERVICE}/{method}", code.name)
+            self._latency[method, code] = child
+        child.observe(time.perf_counter() - started)
         if failure is not None:
             self.metrics.errors.labels(failure.counted_as).inc()
 
@@ -211,10 +220,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         trailers = (("retry-after", failure.retry_after),) if failure.retry_after else ()
         await context.abort(failure.code, failure.message, trailers)  # raises: the call ends with the status
 
-    async def infer_one(self, message: pb.ModelInferRequest, owner: str, client: str = "") -> pb.ModelInferResponse:
+    async def infer_one(
+        self, message: pb.ModelInferRequest, owner: str, client: str = "", into: pb.ModelInferResponse | None = None
+    ) -> pb.ModelInferResponse:
         served = oip.served_model(self.engine, message.model_name, message.model_version)
         answer = await oip.infer(self.engine, owner, served, inference_request(message), client)
-        return inference_response(answer)
+        return inference_response(answer, into)
 
     # ------------------------------------------------------------------ OIP health and metadata
 
@@ -377,11 +388,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> None:
         """One stream request, after the one of its sequence that came before it has been answered."""
-        if before is not None:
+        if before is not None and not before.done():
             await asyncio.wait((before,))
         started, failure = time.perf_counter(), None
+        response = pb.ModelStreamInferResponse()
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.infer_one(message, owner, client))
+            await self.infer_one(message, owner, client, response.infer_response)
         except Exception as exc:
             failure = failure_of(exc)
             response = pb.ModelStreamInferResponse(error_message=failure.message)
