@@ -33,7 +33,7 @@ from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
 from models.data.episodes import EpisodeSampler
-from models.distributed import ProcessGroup, data_parallel
+from models.distributed import ProcessGroup, data_parallel, leave
 from models.train import make_optimizer, train_step
 from tests.servers import free_port
 
@@ -131,9 +131,7 @@ def _data_parallel_worker(
     rate = done * batch / (time.perf_counter() - started)
     if group.is_main:
         Path(out).write_text(str(rate))
-    if group.distributed:
-        dist.barrier()  # no rank tears the group down while another still receives the last broadcast
-        dist.destroy_process_group()
+    leave(group)  # at a barrier: no rank tears the group down while another still receives the last broadcast
 
 
 def data_parallel_rates(

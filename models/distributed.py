@@ -107,9 +107,17 @@ def join_from_env(device: torch.device) -> ProcessGroup:
     return group
 
 
-def leave(group: ProcessGroup) -> None:
-    """Leave the process group (after the last collective)."""
+def leave(group: ProcessGroup, together: bool = True) -> None:
+    """Leave the process group (after the last collective).
+
+    ``together``: wait at a barrier first, so that no rank tears its gloo connections down while
+    another still uses them (rank 0 writes its files after the last step; a rank that left before
+    it could abort in gloo's threads, "terminate called without an active exception"). A run that
+    failed leaves at once: the other ranks may never reach the barrier.
+    """
     if group.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

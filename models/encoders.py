@@ -50,11 +50,6 @@ class ConvEncoder(nn.Module):
             self._blocked = onednn.BlockedConvStack([m for m in self.convs if isinstance(m, nn.Conv2d)])
         return self._blocked(x)
 
-    def _versionless(self) -> bool:
-        """True when the weights were made under ``torch.inference_mode``: such tensors keep no
-        version counter, so a folded copy could not tell that they changed; they run unfolded."""
-        return self.blocks[0][0].weight.is_inference()
-
     def __getstate__(self) -> dict:
         """Pickling and deep copies leave the oneDNN weights behind (rebuilt on use)."""
         return {**super().__getstate__(), "_blocked": None}

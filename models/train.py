@@ -321,11 +321,15 @@ class Trainer:
         """Train until the schedule ends; returns the summary written to metrics.json (on rank 0)."""
         try:
             if not self.group.is_main:
-                return self._run()
-            with (self.options.out / METRICS_FILE).open("a") as self.log:
-                return self._run()
-        finally:
-            leave(self.group)
+                summary = self._run()
+            else:
+                with (self.options.out / METRICS_FILE).open("a") as self.log:
+                    summary = self._run()
+        except BaseException:
+            leave(self.group, together=False)
+            raise
+        leave(self.group)
+        return summary
 
     def _run(self) -> dict:
         opts = self.options
