@@ -15,6 +15,7 @@ Under ``torchrun`` the same command trains data-parallel over processes (``model
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -326,10 +327,18 @@ class Trainer:
                 with (self.options.out / METRICS_FILE).open("a") as self.log:
                     summary = self._run()
         except BaseException:
-            leave(self.group, together=False)
+            self._leave(together=False)
             raise
-        leave(self.group)
+        self._leave()
         return summary
+
+    def _leave(self, together: bool = True) -> None:
+        """Drop the DDP wrapper, then leave the process group: the group's gloo threads are then joined
+        as it is destroyed, not at interpreter exit, where a rank could abort ("terminate called without
+        an active exception") after its work was done."""
+        self.forward = None
+        gc.collect()
+        leave(self.group, together)
 
     def _run(self) -> dict:
         opts = self.options
