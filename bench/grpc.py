@@ -11,8 +11,9 @@ load generator to the other. ``--concurrency`` sequences (64 by default), each a
 - ``v1``: POST /v1/sessions/{id}/steps with a ``gray8`` image (the cheapest /v1 form), likewise.
 
 Each transport runs ``--rounds`` times, the order rotating every round (so a slow spell of the machine
-falls on all of them); the table has the median steps/s of the rounds and p50 / p99 latency over all
-of their steps. Every step is a 28x28 image and a label (0-4 in turn), every request pre-encoded, so
+falls on all of them); the table has the median steps/s of the rounds, p50 / p99 latency over all
+of their steps, and the server's CPU time a step (its event loop's thread, and the others: the model
+thread, grpcio's poller) over all rounds. Every step is a 28x28 image and a label (0-4 in turn), every request pre-encoded, so
 the load generator's own cost stays small: raw HTTP/1.1 for REST (``bench.loadgen``), grpcio with
 serialized messages for gRPC. The sequences are started over /v2 REST before the load (one store,
 either transport finds them), so that no gRPC channel exists in the parent when load processes fork.
@@ -34,7 +35,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import markdown_table, median, percentile, pin_process, write_json
+from bench.common import cpu_split, markdown_table, median, percentile, pin_process, thread_stats, write_json
 from bench.http import server_env
 from bench.loadgen import LoadResult, generate_load, http_request, run_in_child
 from tests.servers import ServerProcess
@@ -190,6 +191,7 @@ def measure(
 ) -> dict[str, Any]:
     server = ServerProcess(server_env(store, model)).wait_ready()
     runs: dict[str, list[LoadResult]] = {name: [] for name in TRANSPORTS}
+    cpu: dict[str, list[tuple[float, float, int]]] = {name: [] for name in TRANSPORTS}  # loop s, others s, steps
     try:
         pin_process(server.process.pid, cpus[0])
         name = resolve_model(server.url, model)
@@ -218,12 +220,16 @@ def measure(
             run(transport, min(1.0, seconds))
         for r in range(rounds):
             for transport in TRANSPORTS[r % len(TRANSPORTS) :] + TRANSPORTS[: r % len(TRANSPORTS)]:
+                before = thread_stats(server.process.pid)
                 runs[transport].append(run(transport, seconds))
+                spent = cpu_split(server.process.pid, before, thread_stats(server.process.pid))
+                cpu[transport].append((*spent, runs[transport][-1].requests))
     finally:
         server.stop()
     results = []
     for transport, done in runs.items():
         latencies = sorted(x for result in done for x in result.latencies)
+        steps = max(1, sum(n for _, _, n in cpu[transport]))
         results.append(
             {
                 "transport": transport,
@@ -233,6 +239,8 @@ def measure(
                 "p99_ms": 1000 * percentile(latencies, 0.99),
                 "steps": sum(result.requests for result in done),
                 "errors": sum(result.errors for result in done),
+                "server_event_loop_us_per_step": 1e6 * sum(loop for loop, _, _ in cpu[transport]) / steps,
+                "server_other_threads_us_per_step": 1e6 * sum(other for _, other, _ in cpu[transport]) / steps,
             }
         )
     return {"model": name, "store": store, "results": results}
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['steps_per_s']:,.0f}",
             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
             " ".join(f"{rate:,.0f}" for rate in r["steps_per_s_runs"]),
+            f"{r['server_event_loop_us_per_step']:.0f} / {r['server_other_threads_us_per_step']:.0f}",
             str(r["errors"]),
         ]
         for r in report["results"]
@@ -264,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steps/s ({args.concurrency} sequences, median)",
         "p50 / p99 ms",
         "steps/s of each round",
+        "server CPU us/step: event loop / other threads",
         "errors",
     ]
     print(f"model {report['model']}, store {report['store']}")

@@ -189,6 +189,7 @@ def test_grpc_bench_runs_every_transport_and_reports(tmp_path, tiny_checkpoint, 
     for r in report["results"]:
         assert r["errors"] == 0 and r["steps"] > 0 and r["steps_per_s"] > 0, r
         assert 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert r["server_event_loop_us_per_step"] > 0 and r["server_other_threads_us_per_step"] >= 0, r
     assert "grpc-stream" in capsys.readouterr().out
 
 
