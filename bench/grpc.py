@@ -13,8 +13,8 @@ load generator to the other. ``--concurrency`` sequences (64 by default), each a
 Each transport runs ``--rounds`` times, the order rotating every round (so a slow spell of the machine
 falls on all of them); the table has the median steps/s of the rounds, p50 / p99 latency over all
 of their steps, and the server's CPU time a step (its event loop's thread, and the others: the model
-thread, grpcio's poller) over all rounds. Every step is a 28x28 image and a label (0-4 in turn), every request pre-encoded, so
-the load generator's own cost stays small: raw HTTP/1.1 for REST (``bench.loadgen``), grpcio with
+thread, grpcio's poller) over all rounds. Every step is a 28x28 image and a label (0-4 in turn),
+every request pre-encoded, so the load generator's own cost stays small: raw HTTP/1.1 for REST (``bench.loadgen``), grpcio with
 serialized messages for gRPC. The sequences are started over /v2 REST before the load (one store,
 either transport finds them), so that no gRPC channel exists in the parent when load processes fork.
 """

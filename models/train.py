@@ -333,9 +333,11 @@ class Trainer:
         return summary
 
     def _leave(self, together: bool = True) -> None:
-        """Drop the DDP wrapper, then leave the process group: the group's gloo threads are then joined
-        as it is destroyed, not at interpreter exit, where a rank could abort ("terminate called without
-        an active exception") after its work was done."""
+        """Distributed: drop the DDP wrapper, then leave the process group. The group's gloo threads are
+        then joined as it is destroyed, not at interpreter exit, where a rank could abort ("terminate
+        called without an active exception") after its work was done."""
+        if not self.group.distributed:
+            return
         self.forward = None
         gc.collect()
         leave(self.group, together)
