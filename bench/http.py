@@ -39,6 +39,7 @@ from PIL import Image
 
 from bench.common import cpu_split, markdown_table, pin_process, thread_stats, write_json
 from bench.loadgen import generate_load, http_request
+from service.settings import Settings
 from tests.servers import RedisCluster, RedisServer, ServerProcess
 
 TARGETS = {
@@ -47,6 +48,7 @@ TARGETS = {
     "batch_steps_per_s": 10_000,
     "predict_64_vs_steps": 3.0,
 }
+DEFAULT_MALLOC_KEEP_MB = str(Settings.model_fields["malloc_keep_mb"].default)
 
 
 def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
@@ -65,9 +67,12 @@ def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
     return body
 
 
-def server_env(store: str = "memory://", model: str | None = None, compile: str = "0") -> dict[str, str]:
+def server_env(
+    store: str = "memory://", model: str | None = None, compile: str = "0", malloc_keep_mb: str = DEFAULT_MALLOC_KEEP_MB
+) -> dict[str, str]:
     """The benchmarked server's settings: one torch thread, no access log, room for every session."""
     env = {
+        "NTM_MALLOC_KEEP_MB": malloc_keep_mb,
         "NTM_STORE": store,
         "NTM_COMPILE": compile,
         "NTM_ACCESS_LOG": "false",
@@ -115,8 +120,11 @@ def measure_store(
     cpus: tuple[int, int],
     image: str = "pixels",
     compile: str = "0",
+    malloc_keep_mb: str = DEFAULT_MALLOC_KEEP_MB,
 ) -> dict:
-    server = ServerProcess(server_env(store, model, compile)).wait_ready(timeout=600)  # a cold warm-up: minutes
+    server = ServerProcess(server_env(store, model, compile, malloc_keep_mb)).wait_ready(
+        timeout=600
+    )  # a cold warm-up: minutes
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         host, port = "127.0.0.1", server.port
@@ -148,6 +156,7 @@ def measure_store(
         "store": store,
         "image": image,
         "compile": compile,
+        "malloc_keep_mb": malloc_keep_mb,
         "single_client_p50_ms": 1000 * latency.percentile(0.50),
         "single_client_p99_ms": 1000 * latency.percentile(0.99),
         "single_client_steps_per_s": latency.rate,
@@ -253,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         default=["0"],
         help="NTM_COMPILE of the server: 0 eager, 1 the compiled step; both: side by side",
     )
+    parser.add_argument(
+        "--malloc-keep-mb",
+        nargs="+",
+        default=[DEFAULT_MALLOC_KEEP_MB],
+        help="NTM_MALLOC_KEEP_MB of the server (0: glibc's defaults); several: side by side",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     stores = args.store or ["memory://"]
@@ -260,18 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     with store_urls(stores) as urls:
         results = [
             {
-                **measure_store(urls[store], args.model, args.seconds, args.concurrency, cpus, image, compile),
+                **measure_store(urls[store], args.model, args.seconds, args.concurrency, cpus, image, compile, malloc),
                 "store": store,
             }
             for store in stores
             for image in args.image
             for compile in args.compile
+            for malloc in args.malloc_keep_mb
         ]
         memory = first_redis_memory(stores, urls, args.idle_sessions)
     rows = [
         [
             r["store"],
-            r["image"] + (", compiled" if r["compile"] == "1" else ""),
+            r["image"]
+            + (", compiled" if r["compile"] == "1" else "")
+            + ("" if r["malloc_keep_mb"] == DEFAULT_MALLOC_KEEP_MB else f", malloc keep {r['malloc_keep_mb']} MB"),
             f"{r['single_client_p50_ms']:.2f} / {r['single_client_p99_ms']:.2f}",
             f"{r['healthz_per_s']:,.0f}",
             f"{r['sessions_steps_per_s']:,.0f}",

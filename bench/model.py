@@ -23,6 +23,7 @@ import torch
 from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_table, median, write_json
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
+from models.allocator import DEFAULT_TRIM_BYTES, keep_freed_memory
 from models.inference import CompiledRunner, EagerRunner
 from models.ntm import NUM_HEADS
 
@@ -239,6 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per model and batch")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--malloc-keep-mb",
+        type=int,
+        default=DEFAULT_TRIM_BYTES // 2**20,
+        help="freed heap glibc keeps mapped, as the service's NTM_MALLOC_KEEP_MB (0: glibc's defaults)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -247,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as the service's model threads do (``service.batching``), for every model here
+    if args.malloc_keep_mb:  # as the service does at start-up (NTM_MALLOC_KEEP_MB), for every model here
+        keep_freed_memory(args.malloc_keep_mb * 2**20)
     load = machine_load()
-    results = {"threads": args.threads, "repeats": args.repeats, "load_average": load}
+    results = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "malloc_keep_mb": args.malloc_keep_mb,
+        "load_average": load,
+    }
     results |= measure(args.batches, args.repeats, args.min_time)
     flops = {name: flops_per_session_step(config) for name, config in CONFIGS.items()}
     results["flops_per_step"] = flops

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from models.allocator import keep_freed_memory
 from service.api import v1, v2
 from service.api.demo import install_demo
 from service.api.docs import install_docs
@@ -97,6 +98,8 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        if settings.malloc_keep_mb:
+            keep_freed_memory(settings.malloc_keep_mb * 2**20)
         registry = ModelRegistry.load(
             settings.models,
             settings.device,

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.allocator import DEFAULT_TRIM_BYTES
+
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"  # served as "default"
 FAST_DIR = Path(__file__).resolve().parent.parent / "models" / "fast"  # the faster, less accurate conv NTM
 
@@ -42,6 +44,13 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="cpu, cuda or auto")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    malloc_keep_mb: int = Field(
+        DEFAULT_TRIM_BYTES // 2**20,
+        ge=0,
+        le=2047,
+        description="freed heap that glibc keeps mapped for the next model call instead of returning it to the "
+        "kernel (models.allocator); 0: glibc's defaults",
+    )
     compile: bool = Field(
         True,
         description="compile each model's recurrent step with torch.compile for a ladder of batch sizes before "
