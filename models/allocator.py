@@ -9,10 +9,15 @@ outputs and temporaries afresh (a batch of 256 fast-model memories is 5.2 MB) an
 previous call's, so each call faults its pages in again, a kernel trap for every 4 KiB page.
 Keeping them mapped makes a freed block the next call's block.
 
-Measured side by side in one process each (``models/fast``, the compiled recurrent step, 2
-threads, median of 30 calls): 2,062 against 3,382 us at 129 rows padded to the 256 rung,
-1,688 against 1,733 us at exactly 256, 181 against 200 us at 3 rows. The cost is memory: a
-process keeps up to ``trim_bytes`` of freed heap mapped (its resident set stays near its peak).
+How much it matters depends on the pattern of sizes. A model thread's eager recurrent steps
+over batches of 64, 40, 56 and 24 rows in turn fault 311 pages in a step with glibc's defaults
+and 0.55 with these thresholds (``tests/unit/test_allocator.py``). Over HTTP (``python -m
+bench.http --model models/fast --image gray8 --compile 1 --malloc-keep-mb 0 512 0 512``) the
+fast model's 64-image predictions ran at 22,837 and 22,325 images/s against 15,509 and 15,922
+with glibc's defaults; single steps and the batch form did not move (4,674-4,817 steps/s).
+``bench.model``, which repeats one batch size, is not helped: glibc's own adaptive threshold
+already fits a single size. The cost is memory: a process keeps up to ``trim_bytes`` of freed
+heap mapped (its resident set stays near its peak).
 
 ``mallopt`` is glibc's API for exactly this (``mallopt(3)``); the same thresholds can be set
 before a process starts with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``. Other C
