@@ -38,15 +38,31 @@ def test_steps_one_at_a_time_give_the_sequence_forward_with_unlabeled_steps(omni
     assert NTMState.from_bytes(state.select([1]).to_bytes()).equal(state.select([1]))
 
 
+def decisive(distances: torch.Tensor, threshold: float, margin: float = 1e-2) -> torch.Tensor:
+    """Steps whose answer rounding cannot flip: the nearest prototype nearer than the second by more than
+    ``margin`` of its distance, and that distance off the threshold by more than ``margin`` of it.
+
+    The untrained protonet's distances are small (about 1e-4), and the memory computes them by another
+    sum of floats: two prototypes 0.1% apart in distance have been found in the other order.
+    """
+    two = distances.topk(2, dim=-1, largest=False).values
+    nearest, second = two[..., 0], two[..., 1]
+    apart = ((second - nearest) > margin * nearest) & ((nearest - threshold).abs() > margin * threshold)
+    return apart | nearest.isinf()  # no prototype yet: nothing to confuse
+
+
 def protonet_episodes(omniglot_zip):
-    """A small protonet, 60 episodes, its online distances and a threshold that makes both answers common."""
+    """A small protonet, 60 episodes, its online distances and a threshold that makes both answers common.
+
+    Returns the protonet, the episodes, the free slot of each step, the online rule's answers, and which
+    steps are ``decisive``."""
     torch.manual_seed(3)
     net = ProtoNet(CHANNELS).eval()
     batch = evaluation_sampler(load_omniglot(omniglot_zip, 28).as_array(), 5, 4, seed=5).sample(60)
     distances, used = episode_distances(net, batch)
     threshold = float(distances[torch.isfinite(distances)].median())
     net.novelty_threshold.fill_(threshold)
-    return net, batch, used, online_predictions(distances, used, threshold)
+    return net, batch, used, online_predictions(distances, used, threshold), decisive(distances, threshold)
 
 
 def predictions_from(net: ProtoNet, batch, addressing: str) -> torch.Tensor:
@@ -59,10 +75,11 @@ def predictions_from(net: ProtoNet, batch, addressing: str) -> torch.Tensor:
 
 def test_started_from_a_protonet_the_memory_reads_as_the_prototype_rule(omniglot_zip):
     """With at most one stored drawing per class, the first read predicts what the protonet's online rule does."""
-    net, batch, used, rule = protonet_episodes(omniglot_zip)
+    net, batch, used, rule, clear = protonet_episodes(omniglot_zip)
     predicted = predictions_from(net, batch, "keyed")
     members = torch.nn.functional.one_hot(batch.targets, 5)
     one_stored = (members.cumsum(0) - members).amax(-1) <= 1  # no class has two drawings before this step
+    one_stored &= clear
     assert one_stored.sum() > 150
     assert torch.equal(predicted[one_stored], rule[one_stored])
     new = rule[one_stored] == used[one_stored]
@@ -72,12 +89,12 @@ def test_started_from_a_protonet_the_memory_reads_as_the_prototype_rule(omniglot
 def test_started_from_a_protonet_the_prototype_read_is_the_prototype_rule_at_every_instance(omniglot_zip):
     """Reading by class mean, the untrained memory answers as the protonet's online rule on every step,
     classes with several stored drawings included; reading by row does not once a class has two."""
-    net, batch, used, rule = protonet_episodes(omniglot_zip)
+    net, batch, used, rule, clear = protonet_episodes(omniglot_zip)
     members = torch.nn.functional.one_hot(batch.targets, 5)
     several = (members.cumsum(0) - members).amax(-1) >= 2
-    assert several.sum() > 200
-    assert torch.equal(predictions_from(net, batch, "prototype"), rule)
-    assert not torch.equal(predictions_from(net, batch, "keyed")[several], rule[several])
+    assert several[clear].sum() > 200 and clear.float().mean() > 0.9
+    assert torch.equal(predictions_from(net, batch, "prototype")[clear], rule[clear])
+    assert not torch.equal(predictions_from(net, batch, "keyed")[several & clear], rule[several & clear])
 
 
 def test_an_unlabeled_step_is_forgotten_and_its_slot_freed():
