@@ -39,7 +39,7 @@ from PIL import Image
 
 from bench.common import cpu_split, markdown_table, pin_process, thread_stats, write_json
 from bench.loadgen import generate_load, http_request
-from service.settings import Settings
+from models.allocator import DEFAULT_KEEP_MB
 from tests.servers import RedisCluster, RedisServer, ServerProcess
 
 TARGETS = {
@@ -48,7 +48,7 @@ TARGETS = {
     "batch_steps_per_s": 10_000,
     "predict_64_vs_steps": 3.0,
 }
-DEFAULT_MALLOC_KEEP_MB = str(Settings.model_fields["malloc_keep_mb"].default)
+DEFAULT_MALLOC_KEEP_MB = str(DEFAULT_KEEP_MB)  # the service's NTM_MALLOC_KEEP_MB
 
 
 def step_payload(seed: int, label: int | None, image: str = "pixels") -> dict:
@@ -122,9 +122,8 @@ def measure_store(
     compile: str = "0",
     malloc_keep_mb: str = DEFAULT_MALLOC_KEEP_MB,
 ) -> dict:
-    server = ServerProcess(server_env(store, model, compile, malloc_keep_mb)).wait_ready(
-        timeout=600
-    )  # a cold warm-up: minutes
+    env = server_env(store, model, compile, malloc_keep_mb)
+    server = ServerProcess(env).wait_ready(timeout=600)  # a cold warm-up: minutes
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         host, port = "127.0.0.1", server.port

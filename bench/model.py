@@ -23,7 +23,7 @@ import torch
 from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_table, median, write_json
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
-from models.allocator import DEFAULT_TRIM_BYTES, keep_freed_memory
+from models.allocator import DEFAULT_KEEP_MB, keep_freed_memory
 from models.inference import CompiledRunner, EagerRunner
 from models.ntm import NUM_HEADS
 
@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--malloc-keep-mb",
         type=int,
-        default=DEFAULT_TRIM_BYTES // 2**20,
+        default=DEFAULT_KEEP_MB,
         help="freed heap glibc keeps mapped, as the service's NTM_MALLOC_KEEP_MB (0: glibc's defaults)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as the service's model threads do (``service.batching``), for every model here
     if args.malloc_keep_mb:  # as the service does at start-up (NTM_MALLOC_KEEP_MB), for every model here
-        keep_freed_memory(args.malloc_keep_mb * 2**20)
+        keep_freed_memory(args.malloc_keep_mb)
     load = machine_load()
     results = {
         "threads": args.threads,

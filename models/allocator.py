@@ -16,7 +16,7 @@ bench.http --model models/fast --image gray8 --compile 1 --malloc-keep-mb 0 512 
 fast model's 64-image predictions ran at 22,837 and 22,325 images/s against 15,509 and 15,922
 with glibc's defaults; single steps and the batch form did not move (4,674-4,817 steps/s).
 ``bench.model``, which repeats one batch size, is not helped: glibc's own adaptive threshold
-already fits a single size. The cost is memory: a process keeps up to ``trim_bytes`` of freed
+already fits a single size. The cost is memory: a process keeps up to ``keep_mb`` of freed
 heap mapped (its resident set stays near its peak).
 
 ``mallopt`` is glibc's API for exactly this (``mallopt(3)``); the same thresholds can be set
@@ -32,11 +32,11 @@ import sys
 M_TRIM_THRESHOLD = -1  # mallopt(3) parameter numbers, from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper limit on 64-bit (HEAP_MAX_SIZE / 2); mallopt refuses more
-DEFAULT_TRIM_BYTES = 512 * 2**20
+DEFAULT_KEEP_MB = 512
 
 
-def keep_freed_memory(trim_bytes: int = DEFAULT_TRIM_BYTES) -> bool:
-    """Raise glibc's mmap threshold to its maximum and its trim threshold to ``trim_bytes``.
+def keep_freed_memory(keep_mb: int = DEFAULT_KEEP_MB) -> bool:
+    """Raise glibc's mmap threshold to its maximum and its trim threshold to ``keep_mb`` MiB.
 
     Returns True when both were set; False on a C library without ``mallopt`` (nothing changed).
     """
@@ -47,4 +47,4 @@ def keep_freed_memory(trim_bytes: int = DEFAULT_TRIM_BYTES) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, keep_mb * 2**20))

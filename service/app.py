@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        if settings.malloc_keep_mb and not keep_freed_memory(settings.malloc_keep_mb * 2**20):
+        if settings.malloc_keep_mb and not keep_freed_memory(settings.malloc_keep_mb):
             log.info("malloc thresholds left as they are: this C library has no mallopt")
         registry = ModelRegistry.load(
             settings.models,

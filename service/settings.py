@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.allocator import DEFAULT_TRIM_BYTES
+from models.allocator import DEFAULT_KEEP_MB
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "models" / "pretrained"  # served as "default"
 FAST_DIR = Path(__file__).resolve().parent.parent / "models" / "fast"  # the faster, less accurate conv NTM
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="cpu, cuda or auto")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     malloc_keep_mb: int = Field(
-        DEFAULT_TRIM_BYTES // 2**20,
+        DEFAULT_KEEP_MB,
         ge=0,
         le=2047,
         description="freed heap that glibc keeps mapped for the next model call instead of returning it to the "
