@@ -7,7 +7,7 @@ under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten 
 (``bench.seed_reference``), interleaved within each batch size, median of the repeats. The default
 and fast models' architectures are also timed as the service runs them with NTM_COMPILE (the
 default): the encoder eager, the recurrent step compiled (``models.inference.CompiledRunner``,
-its graph for that batch size compiled before timing). A
+the graph a server runs at that batch size compiled before timing). A
 ``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
 FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
 """
@@ -138,9 +138,8 @@ def ntm_runner(model: NTM, batch: int, runner: EagerRunner | None = None) -> Run
 
 
 def compiled_runner(model: NTM, batch: int) -> CompiledRunner:
-    """The service's compiled step with one rung, ``batch``, compiled now (outside the timing)."""
+    """The service's compiled step with ``batch`` its largest batch, compiled now (outside the timing)."""
     runner = CompiledRunner(model, batch)
-    runner.ladder = (batch,)
     runner.warm_up()
     return runner
 

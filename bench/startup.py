@@ -4,7 +4,7 @@
 
 Starts the service on the shipped models (``default`` and ``fast``, the in-memory store) three
 ways, one after the other: eager (NTM_COMPILE=0); compiling with an empty inductor cache
-(``TORCHINDUCTOR_CACHE_DIR`` a new folder: every graph of the ladder is compiled); and compiling
+(``TORCHINDUCTOR_CACHE_DIR`` a new folder: every graph of the warm-up is compiled); and compiling
 again with that cache filled (what a restart, or an image whose build ran the warm-up, sees).
 Each time is from the process's launch to the first 200 of /readyz, so it counts the imports,
 loading the weights and the warm-up of both models.

@@ -23,8 +23,8 @@ runs what it has at once. Under concurrent load it waits up to ``max_wait`` for 
 before a batch of fresh jobs, and never while jobs are under way.
 
 The recurrent step runs through a runner (``models.inference``): eager, or with ``compile``
-TorchInductor's graphs for a ladder of batch sizes, compiled by the worker thread before it
-takes its first job (``ready`` is set then). When compiling fails, the worker logs one line
+TorchInductor's graphs of the step (one of them takes any batch size), compiled by the worker
+thread before it takes its first job (``ready`` is set then). When compiling fails, the worker logs one line
 and runs eagerly.
 
 With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
@@ -246,7 +246,7 @@ class MicroBatcher:
         self._fail_leftovers()
 
     def _warm_up(self) -> None:
-        """With ``compile``, compile the step for every ladder size here, on the thread that will run it."""
+        """With ``compile``, compile the step's graphs here, on the thread that will run them."""
         started = time.perf_counter()
         if self.compile:
             try:

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         True,
-        description="compile each model's recurrent step with torch.compile for a ladder of batch sizes before "
+        description="compile each model's recurrent step with torch.compile before "
         "traffic (/readyz says 503 until then); 0: eager",
     )
 

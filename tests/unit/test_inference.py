@@ -29,7 +29,7 @@ def model_of(kind: str, seed: int = 0) -> NTM:
     return NTM(CONFIGS[kind]).eval()
 
 
-def test_the_ladder_doubles_up_to_the_largest_batch_and_a_call_takes_the_next_rung():
+def test_the_cuda_ladder_doubles_up_to_the_largest_batch_and_a_call_takes_the_next_rung():
     assert batch_ladder(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
     assert batch_ladder(6) == (1, 2, 4, 6) and batch_ladder(1) == (1,)
     ladder = batch_ladder(6)
@@ -59,20 +59,27 @@ def steps(runner: EagerRunner, model: NTM, rows: int, count: int, seed: int) -> 
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_the_compiled_step_gives_the_eager_step_at_every_rung_padded_and_above_the_ladder(kind):
+def test_the_compiled_step_gives_the_eager_step_at_every_size_with_graphs_compiled_only_in_the_warm_up(kind):
     model = model_of(kind)
-    compiled = CompiledRunner(model, 4)
-    assert compiled.ladder == (1, 2, 4)
+    compiled = CompiledRunner(model, 6)
+    assert compiled.warm_sizes() == (1, 2, 6)
     assert compiled.warm_up() > 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     eager = EagerRunner(model)
-    for rows in (1, 2, 3, 4, 5):  # 3 runs the graph of 4 on padded rows; 5 is above the ladder
+    for rows in (1, 2, 3, 5, 6, 7):  # 1: its own graph; 2-5: the symbolic one; 6: the largest's; 7: above, eager
         expected, got = steps(eager, model, rows, 8, seed=rows), steps(compiled, model, rows, 8, seed=rows)
         for want, have in zip(expected, got, strict=True):
             assert have.shape == want.shape
             torch.testing.assert_close(have, want, rtol=0, atol=TOLERANCE)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_a_padded_row_never_changes_the_real_ones():
+def test_small_largest_batches_warm_only_the_graphs_they_call():
+    assert CompiledRunner(model_of("ntm"), 1).warm_sizes() == (1,)
+    assert CompiledRunner(model_of("ntm"), 2).warm_sizes() == (1, 2)
+
+
+def test_a_row_gives_what_it_gives_alone_whatever_shares_its_call():
     model = model_of("ntm")
     runner = CompiledRunner(model, 4)
     state = NTMState.stack([model.initial_state(1)] * 3)
