@@ -3,8 +3,10 @@
 Two real uvicorn servers, one worker each, every thread of both pinned to the same core; the
 load generator, on the other core, drives them in alternation: each round runs every phase on
 each server in a shuffled order (64 sessions of single steps and of the batch form, 10 steps a
-request, for each image form; GET /healthz at 64 connections). Per server and phase it reports
-the median steps/s, the server's CPU time per step (user + system time of all its threads,
+request, and read-only predictions from 64 clients, 1 and 64 images a request, for each image
+form; GET /healthz at 64 connections). ``--model`` and ``--compile`` set what both servers
+serve and whether they compile the step. Per server and phase it reports the median steps/s
+(images/s for predictions), the server's CPU time per step (user + system time of all its threads,
 from /proc) as a median and a minimum over the rounds, and its context switches per step.
 
 Why CPU time: on a shared machine other tenants slow a run down by minutes at a time, so
@@ -33,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bench.common import markdown_table, pin_process, thread_stats, write_json
-from bench.http import open_sessions, server_env, step_requests
+from bench.http import PREDICT_IMAGES, open_sessions, predict_requests, server_env, step_requests
 from bench.loadgen import RequestFactory, generate_load, http_request
 from tests.servers import ROOT, ServerProcess
 
@@ -52,6 +54,9 @@ def phases(url: str, images: list[str]) -> dict[tuple[str, str], tuple[RequestFa
         single, batch = step_requests(sessions, image)
         out[(image, "single")] = (lambda c, n, r=single: r[c][n % 16], 1)
         out[(image, "batch")] = (lambda c, n, r=batch: r[c], 10)
+        one_image, many_images = predict_requests(sessions[0], image)
+        out[(image, "predict 1")] = (lambda c, n, r=one_image: r, 1)
+        out[(image, f"predict {PREDICT_IMAGES}")] = (lambda c, n, r=many_images: r, PREDICT_IMAGES)
     healthz = http_request("GET", "/healthz")
     out[("-", "healthz")] = (lambda c, n: healthz, 1)
     return out
@@ -87,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", nargs="+", choices=["pixels", "png", "gray8"], default=["pixels", "png", "gray8"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each phase in each round")
+    parser.add_argument("--model", default=None, help="checkpoint directory both servers serve (default: the shipped)")
+    parser.add_argument("--compile", choices=["0", "1"], default="0", help="NTM_COMPILE of both servers")
     parser.add_argument("--otlp-sink", action="store_true", help="trace this checkout's server to an OTLP sink")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        this_env = server_env()
+        this_env = server_env(model=args.model, compile=args.compile)
         if args.otlp_sink:
             this_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = stack.enter_context(otlp_sink())
         return compare(args, this_env)
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 def compare(args: argparse.Namespace, this_env: dict[str, str]) -> int:
     """Both servers through every phase, alternating; prints and writes the table."""
     cpus = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
-    servers = {"baseline": ServerProcess(server_env(), cwd=args.baseline.resolve())}
+    env = server_env(model=args.model, compile=args.compile)
+    servers = {"baseline": ServerProcess(env, cwd=args.baseline.resolve())}
     servers["this"] = ServerProcess(this_env, cwd=ROOT)
     samples: dict[tuple[str, str, str], list[tuple[float, float, float, int]]] = {}
     try:
@@ -159,7 +167,13 @@ def compare(args: argparse.Namespace, this_env: dict[str, str]) -> int:
         f"\nbaseline: {args.baseline.resolve()}; {args.rounds} rounds of {args.seconds:g} s per phase{traced}, "
         f"{time.ctime()}"
     )
-    record = {"baseline": str(args.baseline.resolve()), "rounds": args.rounds, "traced": args.otlp_sink}
+    record = {
+        "baseline": str(args.baseline.resolve()),
+        "rounds": args.rounds,
+        "traced": args.otlp_sink,
+        "model": args.model,
+        "compile": args.compile,
+    }
     write_json(args.json, {**record, "results": results})
     return 0
 
