@@ -18,20 +18,23 @@ Compiling a graph takes seconds, and an inductor graph is specialised to its inp
 unless a dimension is marked dynamic. On the CPU a runner has three graphs: one for a single
 row (a size-1 dimension is always specialised), one whose batch dimension is symbolic, which
 takes every size from 2 up without padding, and a static one for the largest batch, the size
-of every call of a saturated server, where a static graph is 12-15% faster than the symbolic
-one. The fast model's step, measured side by side in one process (us a call; "ladder", the
-alternative: static graphs for 1, 2, 4, ..., a call padded to the next size up):
+of every call of a saturated server, where it is faster than the symbolic one. The fast
+model's step, us a call, each way measured side by side in one process (``python -m
+bench.compiled_shapes``, ``bench/results/compiled-shapes-2026-12-06.json``; "symbolic": the
+symbolic graph alone; "ladder": static graphs for 1, 2, 4, ... 256, a call padded to the next
+size up):
 
-| rows | eager | symbolic batch | ladder |
-|---:|---:|---:|---:|
-| 16 | 283 | 188 | 179 |
-| 65 | 628 | 434 | 916 |
-| 129 | 1,078 | 757 | 1,606 |
-| 256 | 1,724 | 1,332 | 1,157 |
+| rows | eager | served | symbolic | ladder |
+|---:|---:|---:|---:|---:|
+| 16 | 275 | 194 | 193 | 197 |
+| 65 | 617 | 458 | 452 | 1,013 |
+| 129 | 992 | 783 | 779 | 1,877 |
+| 256 | 1,516 | 1,059 | 1,293 | 1,205 |
 
-A padded call runs every row of the next size up, so just above a rung a ladder is slower than
-eager, and a ladder up to 256 is nine graphs a model to compile (87 s for both shipped models
-with an empty cache). A call above the largest batch runs eagerly.
+A padded call runs every row of the next size up, so just above a power of two a ladder is
+slower than eager, and a ladder up to 256 is nine graphs a model to compile (87 s for both
+shipped models with an empty cache, against 27 s for these three). A call above the largest
+batch runs eagerly.
 
 On CUDA the graphs are captured as CUDA graphs (``mode="reduce-overhead"``), so a call is one
 replay instead of hundreds of kernel launches. A CUDA graph is recorded per shape, so there a

@@ -1,0 +1,144 @@
+"""The compiled recurrent step at batch sizes between powers of two: the served graphs against a padded ladder.
+
+``python -m bench.compiled_shapes [--model DIR ...] [--rows 16 65 ...] [--repeats 5] [--json FILE]``
+
+A server's model calls have whatever number of rows its sessions bring. For each shipped
+model (by default) and row count it times, interleaved in one process, microseconds a call of
+``recurrent_step`` on contiguous inputs:
+
+- eager: ``EagerRunner``;
+- served: ``CompiledRunner`` with a largest batch of 256, as ``NTM_COMPILE=1`` runs it (a graph
+  for one row, one whose batch dimension is symbolic, a static one for 256);
+- symbolic: the served runner's symbolic graph alone for every call of two rows or more;
+- ladder: static graphs for 1, 2, 4, ... 256, a call padded to the next size up by repeating
+  its last row (what a server would run with one graph per power of two).
+
+How long compiling takes at start-up is ``bench.startup``'s measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import Runner, interleaved_rates, machine_load, markdown_table, median, write_json
+from models.allocator import keep_freed_memory
+from models.checkpoint import load_checkpoint
+from models.inference import CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
+from models.ntm import NTM
+from models.state import NTMState
+
+LARGEST = 256
+ROWS = (1, 16, 33, 64, 65, 100, 128, 129, 200, 256)
+MODELS = ("models/pretrained", "models/fast")
+WAYS = ("eager", "served", "symbolic", "ladder")
+
+
+class SymbolicRunner(CompiledRunner):
+    """The served runner without its static graph for the largest batch."""
+
+    def _graph(self, rows: int):
+        return self._step
+
+    def warm_sizes(self) -> tuple[int, ...]:
+        return (1, 2)
+
+
+class LadderRunner(CompiledRunner):
+    """Static graphs for every power of two up to the largest batch; a call runs the next one up on padded rows."""
+
+    kind = "ladder"
+
+    def __init__(self, model: NTM, largest_batch: int) -> None:
+        super().__init__(model, largest_batch)
+        self.ladder = batch_ladder(largest_batch)
+        torch._dynamo.config.recompile_limit += len(self.ladder)
+        self._padded = torch.compile(
+            self._ladder_flat, dynamic=False, fullgraph=True, options={"freezing": True, "cpp_wrapper": True}
+        )
+
+    def _ladder_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step under a code object of its own, so that dynamo keeps its graphs apart from the served ones."""
+        return self._recurrent_flat(pre, *state)
+
+    def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        rows, size = pre.shape[0], rung(self.ladder, pre.shape[0])
+        logits, *tensors = self._padded(*(pad_rows(t, size) for t in (pre, *state.tensors())))
+        return logits[:rows], NTMState(*(t[:rows] for t in tensors))
+
+    def warm_sizes(self) -> tuple[int, ...]:
+        return self.ladder
+
+
+def inputs(model: NTM, rows: int) -> tuple[torch.Tensor, NTMState]:
+    """A step's input for ``rows`` fresh sessions, every tensor contiguous (as the batcher's are)."""
+    size = model.config.image_size
+    with torch.inference_mode():
+        pre = model.precompute_inputs(torch.rand(rows, size, size), model.label_input(torch.full((rows,), -1)))
+        return pre, NTMState(*(pad_rows(t, rows) for t in model.initial_state(rows).tensors()))
+
+
+def timed(runner: EagerRunner, pre: torch.Tensor, state: NTMState) -> Runner:
+    """n calls of ``runner``'s step on one input."""
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                runner.recurrent_step(pre, state)
+
+    return run
+
+
+def measure(path: str, rows_list: list[int], repeats: int, min_time: float) -> dict:
+    """us a call per way and row count, for one model."""
+    model = load_checkpoint(path).eval()
+    runners: dict[str, EagerRunner] = {
+        "eager": EagerRunner(model),
+        "served": CompiledRunner(model, LARGEST),
+        "symbolic": SymbolicRunner(model, LARGEST),
+        "ladder": LadderRunner(model, LARGEST),
+    }
+    for runner in runners.values():
+        runner.warm_up()
+    calls: dict[str, dict[str, float]] = {}
+    for rows in rows_list:
+        pre, state = inputs(model, rows)
+        rates = interleaved_rates(
+            {name: timed(runner, pre, state) for name, runner in runners.items()},
+            dict.fromkeys(runners, 1.0),
+            repeats,
+            min_time,
+        )
+        calls[str(rows)] = {name: 1e6 / median(values) for name, values in rates.items()}
+    return calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compiled_shapes", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=list(MODELS), help="checkpoint directories")
+    parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS), help=f"rows a call, at most {LARGEST}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if max(args.rows) > LARGEST:
+        parser.error(f"--rows: at most {LARGEST}")
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    load = machine_load()
+    results = {path: measure(path, args.rows, args.repeats, args.min_time) for path in args.model}
+    for path, result in results.items():
+        print(f"## {path}: us a call of the recurrent step ({args.threads} threads, load average {load:.2f})\n")
+        rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in WAYS)] for rows in result]
+        print(markdown_table(["rows", *WAYS], rows) + "\n")
+    record = {"threads": args.threads, "load_average": load, "largest": LARGEST, "us_per_call": results}
+    write_json(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
