@@ -1,16 +1,16 @@
 """The compiled recurrent step at batch sizes between powers of two: the served graphs against a padded ladder.
 
-``python -m bench.compiled_shapes [--model DIR ...] [--rows 16 65 ...] [--repeats 5] [--json FILE]``
+``python -m bench.compiled_shapes [--model DIR ...] [--rows 16 65 ...] [--largest 256] [--json FILE]``
 
 A server's model calls have whatever number of rows its sessions bring. For each shipped
 model (by default) and row count it times, interleaved in one process, microseconds a call of
 ``recurrent_step`` on contiguous inputs:
 
 - eager: ``EagerRunner``;
-- served: ``CompiledRunner`` with a largest batch of 256, as ``NTM_COMPILE=1`` runs it (a graph
-  for one row, one whose batch dimension is symbolic, a static one for 256);
+- served: ``CompiledRunner`` with a largest batch of 256 (``--largest``), as ``NTM_COMPILE=1``
+  runs it (a graph for one row, one whose batch dimension is symbolic, a static one for 256);
 - symbolic: the served runner's symbolic graph alone for every call of two rows or more;
-- ladder: static graphs for 1, 2, 4, ... 256, a call padded to the next size up by repeating
+- ladder: static graphs for 1, 2, 4, ... up to the largest batch, a call padded to the next size up by repeating
   its last row (what a server would run with one graph per power of two).
 
 How long compiling takes at start-up is ``bench.startup``'s measure.
@@ -92,14 +92,14 @@ def timed(runner: EagerRunner, pre: torch.Tensor, state: NTMState) -> Runner:
     return run
 
 
-def measure(path: str, rows_list: list[int], repeats: int, min_time: float) -> dict:
+def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_time: float) -> dict:
     """us a call per way and row count, for one model."""
     model = load_checkpoint(path).eval()
     runners: dict[str, EagerRunner] = {
         "eager": EagerRunner(model),
-        "served": CompiledRunner(model, LARGEST),
-        "symbolic": SymbolicRunner(model, LARGEST),
-        "ladder": LadderRunner(model, LARGEST),
+        "served": CompiledRunner(model, largest),
+        "symbolic": SymbolicRunner(model, largest),
+        "ladder": LadderRunner(model, largest),
     }
     for runner in runners.values():
         runner.warm_up()
@@ -119,23 +119,24 @@ def measure(path: str, rows_list: list[int], repeats: int, min_time: float) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compiled_shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=list(MODELS), help="checkpoint directories")
-    parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS), help=f"rows a call, at most {LARGEST}")
+    parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS), help="rows a call, at most --largest")
+    parser.add_argument("--largest", type=int, default=LARGEST, help="the largest batch (NTM_MAX_BATCH)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    if max(args.rows) > LARGEST:
-        parser.error(f"--rows: at most {LARGEST}")
+    if max(args.rows) > args.largest:
+        parser.error(f"--rows: at most --largest ({args.largest})")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     load = machine_load()
-    results = {path: measure(path, args.rows, args.repeats, args.min_time) for path in args.model}
+    results = {path: measure(path, args.rows, args.largest, args.repeats, args.min_time) for path in args.model}
     for path, result in results.items():
         print(f"## {path}: us a call of the recurrent step ({args.threads} threads, load average {load:.2f})\n")
         rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in WAYS)] for rows in result]
         print(markdown_table(["rows", *WAYS], rows) + "\n")
-    record = {"threads": args.threads, "load_average": load, "largest": LARGEST, "us_per_call": results}
+    record = {"threads": args.threads, "load_average": load, "largest": args.largest, "us_per_call": results}
     write_json(args.json, record)
     return 0
 

@@ -204,10 +204,30 @@ def test_http_ab_bench_runs_two_checkouts_side_by_side(tmp_path, capsys):
     assert sorted((r["server"], r["image"], r["phase"]) for r in results) == sorted(
         (server, image, phase)
         for server in ("baseline", "this")
-        for image, phase in (("gray8", "single"), ("gray8", "batch"), ("-", "healthz"))
+        for image, phase in (
+            ("gray8", "single"),
+            ("gray8", "batch"),
+            ("gray8", "predict 1"),
+            ("gray8", "predict 64"),
+            ("-", "healthz"),
+        )
     )
     assert all(r["errors"] == 0 and r["steps_per_s"] > 0 and r["cpu_us_per_step"] >= 0 for r in results)
     assert "context switches/step" in capsys.readouterr().out
+
+
+def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_checkpoint, capsys):
+    from bench import compiled_shapes
+
+    out = tmp_path / "shapes.json"
+    argv = ["--model", str(tiny_checkpoint), "--rows", "1", "3", "4", "--largest", "4", "--repeats", "1"]
+    assert compiled_shapes.main([*argv, "--min-time", "0.01", "--json", str(out)]) == 0
+    timings = json.loads(out.read_text())["us_per_call"][str(tiny_checkpoint)]
+    assert sorted(timings) == ["1", "3", "4"]
+    assert all(sorted(ways) == sorted(compiled_shapes.WAYS) and min(ways.values()) > 0 for ways in timings.values())
+    assert "| rows | eager | served | symbolic | ladder |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        compiled_shapes.main(["--model", str(tiny_checkpoint), "--rows", "5", "--largest", "4"])
 
 
 def test_soak_bench_completes_every_episode_without_errors(tmp_path, tiny_checkpoint):
