@@ -26,10 +26,10 @@ size up):
 
 | rows | eager | served | symbolic | ladder |
 |---:|---:|---:|---:|---:|
-| 16 | 267 | 188 | 188 | 177 |
-| 65 | 599 | 439 | 431 | 904 |
-| 129 | 1,001 | 763 | 772 | 1,676 |
-| 256 | 1,791 | 1,100 | 1,373 | 1,104 |
+| 16 | 275 | 194 | 193 | 197 |
+| 65 | 617 | 458 | 452 | 1,013 |
+| 129 | 992 | 783 | 779 | 1,877 |
+| 256 | 1,516 | 1,059 | 1,293 | 1,205 |
 
 A padded call runs every row of the next size up, so just above a power of two a ladder is
 slower than eager, and a ladder up to 256 is nine graphs a model to compile (87 s for both
@@ -41,15 +41,6 @@ replay instead of hundreds of kernel launches. A CUDA graph is recorded per shap
 call is padded to a ladder of sizes (1, 2, 4, ... up to the largest batch) by repeating its
 last row, the padding's outputs are dropped (rows never mix: every operator of a step is per
 session), and the outputs are cloned out of the graphs' static buffers before the next replay.
-
-A call of a few rows is too small to share between threads: splitting it costs more than it
-saves, and the step of the fast model ran 91 against 110 us at two rows on one thread against
-two (``bench.compiled_shapes``, "served" against "all threads"). Where that crossover lies
-depends on the model, the part (the encoder and input projection, or the step) and the
-machine, so a runner measures it at warm-up (``one_thread_limit``: 1, 2, 4, ... rows, each
-timed on one thread and on all of them) and runs calls up to the last size one thread won on
-one thread. The two are close near the crossover, so the limits found vary from one start to
-the next (0 to 8 rows in these runs); a wrong one there costs little.
 
 Inductor keeps what it compiled in an on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), so a
 second start with the same weights and versions loads the kernels instead of compiling them.

@@ -24,9 +24,8 @@ before a batch of fresh jobs, and never while jobs are under way.
 
 The recurrent step runs through a runner (``models.inference``): eager, or with ``compile``
 TorchInductor's graphs of the step (one of them takes any batch size), compiled by the worker
-thread before it takes its first job. Either runner then measures up to how many rows a call is
-faster on one thread, and ``ready`` is set. When compiling fails, the worker logs one line and
-runs eagerly.
+thread before it takes its first job (``ready`` is set then). When compiling fails, the worker logs one line
+and runs eagerly.
 
 With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
 every model call it takes part in, and its request, once woken, turns them into its
@@ -136,7 +135,7 @@ class MicroBatcher:
         self.runner: EagerRunner = EagerRunner(model)
         self.chunk = precompute_chunk(model)
         self.compile = compile
-        self.ready = threading.Event()  # set once the runner is warm (within a second when eager)
+        self.ready = threading.Event()  # set once the runner is warm (at once when eager)
         self.warm_up_seconds: float | None = None
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
