@@ -8,12 +8,8 @@ model (by default) and row count it times, interleaved in one process, microseco
 
 - eager: ``EagerRunner``;
 - served: ``CompiledRunner`` with a largest batch of 256 (``--largest``), as ``NTM_COMPILE=1``
-  runs it (a graph for one row, one whose batch dimension is symbolic, a static one for 256; a
-  call of few rows on one thread where its warm-up measured that faster);
-- all threads: the served runner with every call on all ``--threads``;
+  runs it (a graph for one row, one whose batch dimension is symbolic, a static one for 256);
 - symbolic: the served runner's symbolic graph alone for every call of two rows or more;
-
-every way but "served" with every call on all ``--threads``;
 - ladder: static graphs for 1, 2, 4, ... up to the largest batch, a call padded to the next size up by repeating
   its last row (what a server would run with one graph per power of two).
 
@@ -36,9 +32,9 @@ from models.ntm import NTM
 from models.state import NTMState
 
 LARGEST = 256
-ROWS = (1, 2, 4, 8, 16, 33, 64, 65, 100, 128, 129, 200, 256)
+ROWS = (1, 16, 33, 64, 65, 100, 128, 129, 200, 256)
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "served", "all threads", "symbolic", "ladder")
+WAYS = ("eager", "served", "symbolic", "ladder")
 
 
 class SymbolicRunner(CompiledRunner):
@@ -97,19 +93,16 @@ def timed(runner: EagerRunner, pre: torch.Tensor, state: NTMState) -> Runner:
 
 
 def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_time: float) -> dict:
-    """us a call per way and row count, and the served runner's one-thread limits, for one model."""
+    """us a call per way and row count, for one model."""
     model = load_checkpoint(path).eval()
     runners: dict[str, EagerRunner] = {
         "eager": EagerRunner(model),
         "served": CompiledRunner(model, largest),
-        "all threads": CompiledRunner(model, largest),
         "symbolic": SymbolicRunner(model, largest),
         "ladder": LadderRunner(model, largest),
     }
-    for name, runner in runners.items():
+    for runner in runners.values():
         runner.warm_up()
-        if name != "served":
-            runner.one_thread_rows = dict.fromkeys(runner.one_thread_rows, 0)
     calls: dict[str, dict[str, float]] = {}
     for rows in rows_list:
         pre, state = inputs(model, rows)
@@ -120,7 +113,7 @@ def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_tim
             min_time,
         )
         calls[str(rows)] = {name: 1e6 / median(values) for name, values in rates.items()}
-    return {"one_thread_rows": runners["served"].one_thread_rows, "us_per_call": calls}
+    return calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {path: measure(path, args.rows, args.largest, args.repeats, args.min_time) for path in args.model}
     for path, result in results.items():
         print(f"## {path}: us a call of the recurrent step ({args.threads} threads, load average {load:.2f})\n")
-        calls = result["us_per_call"]
-        rows = [[rows, *(f"{calls[rows][name]:,.0f}" for name in WAYS)] for rows in calls]
-        print(markdown_table(["rows", *WAYS], rows))
-        print(f"\nServed: calls on one thread up to {result['one_thread_rows']} rows.\n")
-    record = {"threads": args.threads, "load_average": load, "largest": args.largest, "models": results}
+        rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in WAYS)] for rows in result]
+        print(markdown_table(["rows", *WAYS], rows) + "\n")
+    record = {"threads": args.threads, "load_average": load, "largest": args.largest, "us_per_call": results}
     write_json(args.json, record)
     return 0
 

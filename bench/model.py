@@ -2,9 +2,8 @@
 
 ``python -m bench.model [--batches 1 16 ...] [--repeats 5] [--threads 2] [--json FILE]``
 
-Times the step the service uses: a warm runner's ``precompute_inputs(images [B, 28, 28],
-label_inputs [B, K])`` then ``recurrent_step`` (``models.inference``; a call of few rows on one
-thread where that measured faster), under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten model and the seed reference
+Times the step the service uses, ``model.step(state, images [B, 28, 28], label_inputs [B, K])``
+under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten model and the seed reference
 (``bench.seed_reference``), interleaved within each batch size, median of the repeats. The default
 and fast models' architectures are also timed as the service runs them with NTM_COMPILE (the
 default): the encoder eager, the recurrent step compiled (``models.inference.CompiledRunner``,
@@ -122,24 +121,18 @@ def architecture(name: str) -> str:
 
 
 def ntm_runner(model: NTM, batch: int, runner: EagerRunner | None = None) -> Runner:
-    """n steps of ``batch`` sessions, the state carried from step to step, through ``runner`` (default: eager).
-
-    A runner is warm before timing: its graphs compiled, and the row counts that run on one
-    thread measured (``models.inference``), as a server's batcher does before its first job.
-    """
-    if runner is None:
-        runner = EagerRunner(model)
-        runner.warm_up()
+    """n steps of ``batch`` sessions, the state carried from step to step; the recurrence through ``runner``."""
     gen = torch.Generator().manual_seed(batch)
     size, ways = model.config.image_size, model.config.num_ways
     images = torch.rand(batch, size, size, generator=gen)
     labels = model.label_input(torch.randint(-1, ways, (batch,), generator=gen))
     state = model.initial_state(batch)
+    recurrent_step = (runner or EagerRunner(model)).recurrent_step
 
     def run(steps: int) -> None:
         nonlocal state
         for _ in range(steps):
-            _, state = runner.recurrent_step(runner.precompute_inputs(images, labels), state)
+            _, state = recurrent_step(model.precompute_inputs(images, labels), state)
 
     return run
 

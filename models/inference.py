@@ -48,10 +48,8 @@ second start with the same weights and versions loads the kernels instead of com
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import torch
 
@@ -59,9 +57,6 @@ from models.ntm import NTM
 from models.state import NTMState
 
 _LIMIT_LOCK = threading.Lock()
-PARTS = ("precompute", "step")  # the two model calls of a batch: the encoder and input projection, the recurrence
-CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
-CALIBRATION_REPEATS = 5
 
 
 def batch_ladder(largest: int) -> tuple[int, ...]:
@@ -95,91 +90,21 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def one_thread_limit(prepare: Callable[[int], Callable[[], object]], threads: int) -> int:
-    """The largest of ``CALIBRATION_ROWS`` up to which a call runs faster on one thread than on ``threads``; 0: none.
-
-    ``prepare(rows)`` makes the call for ``rows`` rows. Both thread counts are timed in turn,
-    ``CALIBRATION_REPEATS`` times each, and the fastest of each count compared; sizes are tried
-    from the smallest up and the first one that more threads run faster ends the search.
-    """
-    limit = 0
-    try:
-        for rows in CALIBRATION_ROWS:
-            call, best = prepare(rows), {}
-            for _ in range(CALIBRATION_REPEATS):
-                for count in (1, threads):
-                    torch.set_num_threads(count)
-                    started = time.perf_counter()
-                    call()
-                    best[count] = min(best.get(count, float("inf")), time.perf_counter() - started)
-            if best[1] >= best[threads]:
-                break
-            limit = rows
-    finally:
-        torch.set_num_threads(threads)
-    return limit
-
-
 class EagerRunner:
     """The model's own inference calls, unchanged."""
 
     kind = "eager"
 
-    def __init__(self, model: NTM, threads: int | None = None) -> None:
+    def __init__(self, model: NTM) -> None:
         self.model = model
-        self.threads = threads or torch.get_num_threads()
-        self.one_thread_rows = dict.fromkeys(PARTS, 0)  # per part: calls of at most this many rows run on one thread
-
-    def precompute_inputs(self, images: torch.Tensor, label_inputs: torch.Tensor) -> torch.Tensor:
-        """images [B, S, S], label_inputs [B, K] -> the step's inputs [B, P]: see ``NTM.precompute_inputs``."""
-        with self._threads("precompute", images.shape[0]):
-            return self.model.precompute_inputs(images, label_inputs)
 
     def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """pre [B, P], B sessions' state -> (logits [B, K], new state): see ``NTM.recurrent_step``."""
-        with self._threads("step", pre.shape[0]):
-            return self._run_step(pre, state)
-
-    def _run_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         return self.model.recurrent_step(pre, state)
 
-    @contextlib.contextmanager
-    def _threads(self, part: str, rows: int) -> Iterator[None]:
-        """The call on one thread when it has at most ``one_thread_rows[part]`` rows, else on the runner's threads.
-
-        Set on every call (0.1 us), and put back after a call on one thread: torch keeps the count per
-        thread, but a thread takes its first value from the last one set anywhere in the process.
-        """
-        count = 1 if rows <= self.one_thread_rows[part] else self.threads
-        torch.set_num_threads(count)
-        try:
-            yield
-        finally:
-            if count != self.threads:
-                torch.set_num_threads(self.threads)
-
-    @torch.inference_mode()
     def warm_up(self) -> float:
-        """Measure, for the encoder and the step, up to how many rows one thread is faster; returns the seconds taken."""
-        started, model = time.perf_counter(), self.model
-        if model.device.type != "cpu" or self.threads <= 1:
-            return time.perf_counter() - started
-        size = model.config.image_size
-
-        def precompute(rows: int) -> Callable[[], object]:
-            images, labels = torch.zeros(rows, size, size), model.label_input(torch.full((rows,), -1))
-            return lambda: model.precompute_inputs(images, labels)
-
-        def step(rows: int) -> Callable[[], object]:
-            pre = precompute(rows)()
-            state = NTMState(*(pad_rows(t, rows) for t in model.initial_state(rows).tensors()))
-            return lambda: self._run_step(pre, state)
-
-        self.one_thread_rows = {
-            "precompute": one_thread_limit(precompute, self.threads),
-            "step": one_thread_limit(step, self.threads),
-        }
-        return time.perf_counter() - started
+        """Nothing to prepare; returns the seconds it took (0)."""
+        return 0.0
 
 
 class CompiledRunner(EagerRunner):
@@ -187,8 +112,8 @@ class CompiledRunner(EagerRunner):
 
     kind = "compiled"
 
-    def __init__(self, model: NTM, largest_batch: int, threads: int | None = None) -> None:
-        super().__init__(model, threads)
+    def __init__(self, model: NTM, largest_batch: int) -> None:
+        super().__init__(model)
         model.requires_grad_(False)  # served weights: inductor freezes them into the graphs as constants
         self.largest = largest_batch
         self.cuda = model.device.type == "cuda"
@@ -220,8 +145,8 @@ class CompiledRunner(EagerRunner):
             return None
         return self._full if rows == self.largest > 2 else self._step
 
-    def _run_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
-        """The step through the graph for its size; called under ``torch.inference_mode`` (as the batcher does)."""
+    def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        """As ``EagerRunner.recurrent_step``, called under ``torch.inference_mode`` (as the batcher does)."""
         rows = pre.shape[0]
         if self.cuda:
             return self._replay(pre, state)
@@ -250,10 +175,7 @@ class CompiledRunner(EagerRunner):
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile (or load from inductor's cache) every graph the runner calls, then measure as ``EagerRunner``.
-
-        Returns the seconds taken.
-        """
+        """Compile (or load from inductor's cache) every graph the runner calls; returns the seconds taken."""
         started, model = time.perf_counter(), self.model
         size, device = model.config.image_size, model.device
         for rows in self.warm_sizes():
@@ -263,6 +185,5 @@ class CompiledRunner(EagerRunner):
             if rows == 2 and not self.cuda:  # the graph for every size from 2 up: its batch dimension symbolic
                 for tensor in inputs:
                     torch._dynamo.mark_dynamic(tensor, 0)
-            self._run_step(inputs[0], NTMState(*inputs[1:]))
-        super().warm_up()
+            self.recurrent_step(inputs[0], NTMState(*inputs[1:]))
         return time.perf_counter() - started

@@ -246,37 +246,30 @@ class MicroBatcher:
         self._fail_leftovers()
 
     def _warm_up(self) -> None:
-        """Warm the runner up here, on the thread that will run it: with ``compile``, its graphs first.
-
-        Either runner then measures up to how many rows a call is faster on one thread
-        (``models.inference``), with this thread's own scheduling (``nice``).
-        """
-        started, runner = time.perf_counter(), self.runner
+        """With ``compile``, compile the step's graphs here, on the thread that will run them."""
+        started = time.perf_counter()
         if self.compile:
             try:
-                compiled = CompiledRunner(self.model, self.max_batch, runner.threads)
-                compiled.warm_up()
-                runner = compiled
+                runner = CompiledRunner(self.model, self.max_batch)
+                runner.warm_up()
+                self.runner = runner
             except Exception as exc:  # no compiler, an unsupported operator: serve eagerly
                 log.warning(
                     "compiling the model failed; it runs eagerly",
                     extra={"fields": {"model": self.name, "error": f"{type(exc).__name__}: {exc}"[:500]}},
                 )
-        if runner.kind == "eager":
-            runner.warm_up()
-        self.runner = runner
         self.warm_up_seconds = time.perf_counter() - started
-        log.info(
-            "model warm",
-            extra={
-                "fields": {
-                    "model": self.name,
-                    "runner": runner.kind,
-                    "seconds": round(self.warm_up_seconds, 1),
-                    "one_thread_rows": runner.one_thread_rows,
-                }
-            },
-        )
+        if self.compile:
+            log.info(
+                "model warm",
+                extra={
+                    "fields": {
+                        "model": self.name,
+                        "runner": self.runner.kind,
+                        "seconds": round(self.warm_up_seconds, 1),
+                    }
+                },
+            )
         self.ready.set()
 
     def _fail_leftovers(self) -> None:
@@ -372,7 +365,7 @@ class MicroBatcher:
         images = [image for job in joined for image in job.images]
         slots = [slot for job in joined for slot in job.label_slots]
         chunks = [
-            self.runner.precompute_inputs(
+            self.model.precompute_inputs(
                 torch.from_numpy(ink(np.array(images[start : start + self.chunk]))).to(device),
                 self.model.label_input(torch.from_numpy(np.array(slots[start : start + self.chunk])).to(device)),
             )

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from models import NTM, NTMConfig
-from models.inference import (
-    CALIBRATION_ROWS,
-    CompiledRunner,
-    EagerRunner,
-    batch_ladder,
-    one_thread_limit,
-    pad_rows,
-    rung,
-)
+from models.inference import CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
 from models.state import NTMState
 from service.batching import MicroBatcher
 
@@ -163,47 +154,3 @@ def test_encoder_calls_are_chunked_so_that_their_first_activation_stays_in_cache
         "conv": 256,
         "flatten": 256,
     }
-
-
-@pytest.fixture
-def two_threads():
-    """Two torch threads for the test (calls of few rows drop to one), the process's count put back after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield 2
-    torch.set_num_threads(before)
-
-
-def test_calls_of_few_rows_run_on_one_thread_and_later_calls_on_the_runners_threads(two_threads):
-    model = model_of("ntm")
-    runner = EagerRunner(model, threads=two_threads)
-    runner.one_thread_rows = {"precompute": 2, "step": 1}
-    seen: list[tuple[str, int]] = []
-    model.encoder.register_forward_hook(lambda *_: seen.append(("precompute", torch.get_num_threads())))
-    model.output.register_forward_hook(lambda *_: seen.append(("step", torch.get_num_threads())))
-    with torch.inference_mode():
-        for rows in (1, 2, 3):
-            pre = runner.precompute_inputs(torch.rand(rows, 28, 28), model.label_input(torch.full((rows,), -1)))
-            runner.recurrent_step(pre, model.initial_state(rows))
-            assert torch.get_num_threads() == two_threads
-    assert seen == [("precompute", 1), ("step", 1), ("precompute", 1), ("step", 2), ("precompute", 2), ("step", 2)]
-
-
-def test_the_one_thread_limit_is_the_last_size_one_thread_wins_from_the_smallest_up(two_threads):
-    def prepare(rows: int, crossover: int):
-        def call() -> None:  # 1 ms where the expected count is used, 4 ms where the other is
-            one_thread_wins = rows <= crossover
-            time.sleep(0.001 if (torch.get_num_threads() == 1) == one_thread_wins else 0.004)
-
-        return call
-
-    assert one_thread_limit(lambda rows: prepare(rows, 4), two_threads) == 4
-    assert one_thread_limit(lambda rows: prepare(rows, 0), two_threads) == 0
-    assert one_thread_limit(lambda rows: prepare(rows, 1000), two_threads) == CALIBRATION_ROWS[-1]
-    assert torch.get_num_threads() == two_threads
-
-
-def test_a_runner_on_one_thread_measures_nothing():
-    runner = EagerRunner(model_of("ntm"), threads=1)
-    runner.warm_up()
-    assert runner.one_thread_rows == {"precompute": 0, "step": 0}
