@@ -128,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if max(args.rows) > args.largest:
         parser.error(f"--rows: at most --largest ({args.largest})")
-    torch.set_num_threads(args.threads)
     keep_freed_memory()
-    load = machine_load()
-    results = {path: measure(path, args.rows, args.largest, args.repeats, args.min_time) for path in args.model}
+    load, threads = machine_load(), torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = {path: measure(path, args.rows, args.largest, args.repeats, args.min_time) for path in args.model}
+    finally:  # the caller's count back (the tests call main in their own process)
+        torch.set_num_threads(threads)
     for path, result in results.items():
         print(f"## {path}: us a call of the recurrent step ({args.threads} threads, load average {load:.2f})\n")
         rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in WAYS)] for rows in result]

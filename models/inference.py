@@ -16,9 +16,12 @@ differ by up to 2e-5.
 
 Compiling a graph takes seconds, and an inductor graph is specialised to its input shapes
 unless a dimension is marked dynamic. On the CPU a runner has three graphs: one for a single
-row (a size-1 dimension is always specialised), one whose batch dimension is symbolic, which
+row, one whose batch dimension is symbolic (``torch._dynamo.mark_dynamic`` at warm-up), which
 takes every size from 2 up without padding, and a static one for the largest batch, the size
-of every call of a saturated server, where it is faster than the symbolic one. The fast
+of every call of a saturated server, where it is faster than the symbolic one. Everything
+else stays static (``dynamic=False``): the graphs of every runner in a process belong to one
+code object, so dynamo's automatic dynamic shapes would otherwise make the sizes of the second
+model to compile (its hidden size, its memory's width) symbolic, which makes slower code. The fast
 model's step, us a call, each way measured side by side in one process (``python -m
 bench.compiled_shapes``, ``bench/results/compiled-shapes-2026-12-06.json``; "symbolic": the
 symbolic graph alone; "ladder": static graphs for 1, 2, 4, ... 256, a call padded to the next
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -124,9 +128,7 @@ class CompiledRunner(EagerRunner):
             torch._dynamo.config.recompile_limit += len(self.ladder) or 2
         options = None if self.cuda else {"freezing": True, "cpp_wrapper": True}
         mode = "reduce-overhead" if self.cuda else None
-        self._step = torch.compile(
-            self._recurrent_flat, dynamic=False if self.cuda else None, fullgraph=True, mode=mode, options=options
-        )
+        self._step = torch.compile(self._recurrent_flat, dynamic=False, fullgraph=True, mode=mode, options=options)
         self._full = (
             None if self.cuda else torch.compile(self._recurrent_full, dynamic=False, fullgraph=True, options=options)
         )
@@ -139,7 +141,7 @@ class CompiledRunner(EagerRunner):
         """``_recurrent_flat`` under a code object of its own, so that its static graph has a cache of its own."""
         return self._recurrent_flat(pre, *state)
 
-    def _graph(self, rows: int):
+    def _graph(self, rows: int) -> Callable[..., tuple[torch.Tensor, ...]] | None:
         """The compiled function for a call of ``rows`` rows on the CPU; None above the largest batch."""
         if rows > self.largest:
             return None

@@ -154,3 +154,24 @@ def test_encoder_calls_are_chunked_so_that_their_first_activation_stays_in_cache
         "conv": 256,
         "flatten": 256,
     }
+
+
+def test_runners_of_two_sizes_of_model_keep_every_dimension_but_the_batch_static():
+    """Both runners' graphs share one code object: dynamo must not make the feature sizes symbolic (slower code)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._dynamo.pgo")  # where dynamo says it made a size symbolic
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    other_sizes = NTMConfig(memory_slots=12, memory_width=10, hidden_size=14, conv_channels=(4, 8), feature_size=16)
+    try:
+        for config in (CONFIGS["ntm"], other_sizes):
+            torch.manual_seed(7)
+            CompiledRunner(NTM(config).eval(), 3).warm_up()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    marked = [r.getMessage() for r in records if "symbolic" in r.getMessage() or "as dynamic" in r.getMessage()]
+    assert marked == []
