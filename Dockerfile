@@ -58,7 +58,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # Drop what torch ships for building C++ extensions and for its own C++ tests (about 150 MB):
 # nothing here compiles. The image serves eagerly (NTM_COMPILE=0 below): TorchInductor's CPU
 # graphs need these headers and a C++ compiler at start-up (a warm-up without a filled cache
-# takes 27 s on two cores; docs/operations.md, "Compiled steps").
+# takes 29 s on two cores; docs/operations.md, "Compiled steps").
 RUN rm -rf "${VIRTUAL_ENV}"/lib/python*/site-packages/torch/include \
            "${VIRTUAL_ENV}"/lib/python*/site-packages/torch/test
 

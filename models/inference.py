@@ -29,14 +29,14 @@ size up):
 
 | rows | eager | served | symbolic | ladder |
 |---:|---:|---:|---:|---:|
-| 16 | 275 | 194 | 193 | 197 |
-| 65 | 617 | 458 | 452 | 1,013 |
-| 129 | 992 | 783 | 779 | 1,877 |
-| 256 | 1,516 | 1,059 | 1,293 | 1,205 |
+| 16 | 213 | 167 | 169 | 173 |
+| 65 | 513 | 433 | 427 | 807 |
+| 129 | 857 | 733 | 717 | 1,469 |
+| 256 | 1,620 | 1,123 | 1,325 | 1,347 |
 
 A padded call runs every row of the next size up, so just above a power of two a ladder is
 slower than eager, and a ladder up to 256 is nine graphs a model to compile (87 s for both
-shipped models with an empty cache, against 27 s for these three). A call above the largest
+shipped models with an empty cache, against 29 s for these three). A call above the largest
 batch runs eagerly.
 
 On CUDA the graphs are captured as CUDA graphs (``mode="reduce-overhead"``), so a call is one
