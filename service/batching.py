@@ -24,8 +24,8 @@ before a batch of fresh jobs, and never while jobs are under way.
 
 The recurrent step runs through a runner (``models.inference``): eager, or with ``compile``
 TorchInductor's graphs of the step (one of them takes any batch size), compiled by the worker
-thread before it takes its first job (``ready`` is set then). When compiling fails, the worker logs one line
-and runs eagerly.
+thread before it takes its first job (``ready`` is set then). When compiling fails, the worker
+logs one line and runs eagerly.
 
 With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
 every model call it takes part in, and its request, once woken, turns them into its
