@@ -230,6 +230,19 @@ def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_chec
         compiled_shapes.main(["--model", str(tiny_checkpoint), "--rows", "5", "--largest", "4"])
 
 
+def test_aoti_batch1_bench_times_every_way_and_matches_eager(tmp_path, tiny_checkpoint, capsys):
+    from bench import aoti_batch1
+
+    out = tmp_path / "aoti.json"
+    argv = ["--model", str(tiny_checkpoint), "--repeats", "1", "--min-time", "0.01", "--json", str(out)]
+    assert aoti_batch1.main(argv) == 0
+    result = json.loads(out.read_text())["models"][str(tiny_checkpoint)]
+    assert sorted(result["us_per_step"]) == sorted(aoti_batch1.WAYS) and min(result["us_per_step"].values()) > 0
+    assert sorted(result["compile_seconds"]) == ["fused", "precompute", "step"]
+    assert result["max_difference_fused"] <= 1e-5
+    assert "| model | eager | served | AOTI parts | AOTI fused |" in capsys.readouterr().out
+
+
 def test_soak_bench_completes_every_episode_without_errors(tmp_path, tiny_checkpoint):
     from bench import soak
 

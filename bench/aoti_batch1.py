@@ -1,0 +1,150 @@
+"""One session's step at batch 1: the served path against AOTInductor packages of its parts and of the whole.
+
+``python -m bench.aoti_batch1 [--model DIR ...] [--threads 2] [--repeats 7] [--json FILE]``
+
+A lone client's step is the encoder and input projection over one image
+(``NTM.precompute_inputs``), then the recurrent step over one row. The served path runs the
+first eagerly and the second through ``CompiledRunner``'s graph for one row, so each call pays
+Python's and dynamo's per-call costs. AOTInductor (``torch.export`` then
+``torch._inductor.aoti_compile_and_package``) compiles a function ahead of time into a package
+whose call is one C++ entry point. For each model this times, interleaved, us a step:
+
+- eager: ``precompute_inputs`` then ``recurrent_step``, both eager;
+- served: ``precompute_inputs`` eager, then ``CompiledRunner.recurrent_step``;
+- AOTI parts: a package of ``precompute_inputs`` for one image, then one of the step for one row;
+- AOTI fused: one package of both;
+
+and the seconds each package took to compile, with the largest difference from eager in any output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.common import interleaved_rates, machine_load, markdown_table, median, write_json
+from models.allocator import keep_freed_memory
+from models.checkpoint import load_checkpoint
+from models.inference import CompiledRunner, pad_rows
+from models.ntm import NTM
+from models.state import NTMState
+
+MODELS = ("models/pretrained", "models/fast")
+WAYS = ("eager", "served", "AOTI parts", "AOTI fused")
+
+
+class Precompute(nn.Module):
+    """``NTM.precompute_inputs`` as a module's forward, for ``torch.export``."""
+
+    def __init__(self, model: NTM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.precompute_inputs(images, labels)
+
+
+class Recurrent(Precompute):
+    """``NTM.recurrent_step`` on flat tensors."""
+
+    def forward(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, new_state = self.model.recurrent_step(pre, NTMState(*state))
+        return logits, *new_state.tensors()
+
+
+class Fused(Precompute):
+    """Both parts of a step in one function."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, new_state = self.model.recurrent_step(self.model.precompute_inputs(images, labels), NTMState(*state))
+        return logits, *new_state.tensors()
+
+
+def package(module: nn.Module, args: tuple[torch.Tensor, ...], folder: Path) -> tuple[Callable, float]:
+    """An AOTInductor package of ``module`` for ``args``' shapes, loaded; and the seconds compiling it took."""
+    started = time.perf_counter()
+    exported = torch.export.export(module.eval(), args)
+    with torch._inductor.config.patch(freezing=True):
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(folder / f"{type(module).__name__}.pt2")
+        )
+    return torch._inductor.aoti_load_package(path), time.perf_counter() - started
+
+
+def measure(path: str, repeats: int, min_time: float) -> dict:
+    """us a step per way, compile seconds per package, and the largest difference from eager, for one model."""
+    model = load_checkpoint(path).eval().requires_grad_(False)
+    size = model.config.image_size
+    images, labels = torch.rand(1, size, size), model.label_input(torch.full((1,), -1))
+    state = tuple(pad_rows(t, 1) for t in model.initial_state(1).tensors())
+    runner = CompiledRunner(model, 1)
+    runner.warm_up()
+    with tempfile.TemporaryDirectory(prefix="ntm-aoti-") as folder:
+        # Exported outside inference mode: a package exported inside it ran at half the speed (154 against 82 us).
+        with torch.no_grad():
+            pre = model.precompute_inputs(images, labels)
+        precompute, pre_seconds = package(Precompute(model), (images, labels), Path(folder))
+        recurrent, step_seconds = package(Recurrent(model), (pre, *state), Path(folder))
+        fused, fused_seconds = package(Fused(model), (images, labels, *state), Path(folder))
+        with torch.inference_mode():
+            steps: dict[str, Callable[[], tuple]] = {
+                "eager": lambda: Fused(model)(images, labels, *state),
+                "served": lambda: runner.recurrent_step(model.precompute_inputs(images, labels), NTMState(*state)),
+                "AOTI parts": lambda: recurrent(precompute(images, labels), *state),
+                "AOTI fused": lambda: fused(images, labels, *state),
+            }
+            expected = steps["eager"]()
+            difference = max(
+                (have - want).abs().max().item() for have, want in zip(steps["AOTI fused"](), expected, strict=True)
+            )
+
+            def runs(step: Callable[[], tuple]) -> Callable[[int], None]:
+                def run(n: int) -> None:
+                    for _ in range(n):
+                        step()
+
+                return run
+
+            rates = interleaved_rates({name: runs(step) for name, step in steps.items()}, dict.fromkeys(steps, 1.0),
+                                      repeats, min_time)  # fmt: skip
+    return {
+        "us_per_step": {name: 1e6 / median(values) for name, values in rates.items()},
+        "compile_seconds": {"precompute": pre_seconds, "step": step_seconds, "fused": fused_seconds},
+        "max_difference_fused": difference,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.aoti_batch1", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=list(MODELS), help="checkpoint directories")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    load, threads = machine_load(), torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = {path: measure(path, args.repeats, args.min_time) for path in args.model}
+    finally:  # the caller's count back (the tests call main in their own process)
+        torch.set_num_threads(threads)
+    print(f"## us a step at batch 1, encoder included ({args.threads} threads, load average {load:.2f})\n")
+    rows = [[path, *(f"{r['us_per_step'][way]:,.0f}" for way in WAYS)] for path, r in results.items()]
+    print(markdown_table(["model", *WAYS], rows))
+    for path, r in results.items():
+        seconds = ", ".join(f"{part} {value:.1f} s" for part, value in r["compile_seconds"].items())
+        print(f"\n{path}: packages compiled in {seconds}; fused against eager: {r['max_difference_fused']:.1e}")
+    write_json(args.json, {"threads": args.threads, "load_average": load, "models": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
