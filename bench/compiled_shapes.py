@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ WAYS = ("eager", "served", "symbolic", "ladder")
 class SymbolicRunner(CompiledRunner):
     """The served runner without its static graph for the largest batch."""
 
-    def _graph(self, rows: int):
+    def _graph(self, rows: int) -> Callable[..., tuple[torch.Tensor, ...]]:
         return self._step
 
     def warm_sizes(self) -> tuple[int, ...]:
