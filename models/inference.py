@@ -51,12 +51,15 @@ second start with the same weights and versions loads the kernels instead of com
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from models import aot
 from models.ntm import NTM
 from models.state import NTMState
 
@@ -94,6 +97,20 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def skip_isa_test_builds() -> None:
+    """Let inductor take the SIMD instruction sets the CPU reports without compiling a test program for each.
+
+    On the CPU, inductor picks the widest instruction set (AVX-512, AVX2, ...) that both the
+    CPU reports (``torch.cpu``'s cpuinfo) and the compiler can build, which it finds by
+    compiling a test program per set: 13 s of a first compile here (the fast model's graph
+    for one row, an empty cache: 22 against 8.7 s). ``cpp.vec_isa_ok`` skips only that
+    second check, so it is set unless ``TORCHINDUCTOR_VEC_ISA_OK`` says otherwise: the
+    compiler a server compiles with (g++ 12 here) builds every set there is a CPU for.
+    """
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is None:
+        torch._inductor.config.cpp.vec_isa_ok = True
+
+
 class EagerRunner:
     """The model's own inference calls, unchanged."""
 
@@ -105,6 +122,10 @@ class EagerRunner:
     def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """pre [B, P], B sessions' state -> (logits [B, K], new state): see ``NTM.recurrent_step``."""
         return self.model.recurrent_step(pre, state)
+
+    def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
+        """One whole step of B sessions (``NTM.step``): the encoder eager, the recurrence through this runner."""
+        return self.recurrent_step(self.model.precompute_inputs(images, label_inputs), state)
 
     def warm_up(self) -> float:
         """Nothing to prepare; returns the seconds it took (0)."""
@@ -126,12 +147,35 @@ class CompiledRunner(EagerRunner):
         # make room for this runner's graphs (the ladder on CUDA; batch 1 and the dynamic one on the CPU).
         with _LIMIT_LOCK:  # runners are made on their batchers' threads
             torch._dynamo.config.recompile_limit += len(self.ladder) or 2
+        if not self.cuda:
+            skip_isa_test_builds()
         options = None if self.cuda else {"freezing": True, "cpp_wrapper": True}
         mode = "reduce-overhead" if self.cuda else None
         self._step = torch.compile(self._recurrent_flat, dynamic=False, fullgraph=True, mode=mode, options=options)
         self._full = (
             None if self.cuda else torch.compile(self._recurrent_full, dynamic=False, fullgraph=True, options=options)
         )
+        self.package: aot.Package | None = None  # the whole one-image step, once ``load_package`` has it
+
+    def load_package(self, folder: Path | None = None) -> bool:
+        """Load (or build, see ``models.aot``) the package of a whole step at batch 1; True when it was built.
+
+        From then on ``step`` runs one-image calls through it. Safe to call on another thread
+        than the one calling the runner: it works on a copy of the model, and the package
+        takes effect in one assignment.
+        """
+        if self.cuda:
+            raise ValueError("the one-image package is for the CPU; CUDA replays CUDA graphs")
+        self.package, built = aot.load_or_build(self.model, folder)
+        return built
+
+    def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
+        """As ``EagerRunner.step``; a one-image call through the package when it is loaded."""
+        package = self.package
+        if package is None or images.shape[0] != 1:
+            return super().step(state, images, label_inputs)
+        logits, *tensors = package(images, label_inputs, *(pad_rows(t, 1) for t in state.tensors()))
+        return logits, NTMState(*tensors)
 
     def _recurrent_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, new_state = self.model.recurrent_step(pre, NTMState(*state))

@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
             settings.model_thread_nice,
             tracer,
             settings.compile,
+            settings.compile_package,
         )
         store = open_store(settings)
         engine = SessionEngine(settings, registry, store, metrics, tracer)
@@ -182,6 +183,8 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         if engine is not None:
             with contextlib.suppress(Exception):
                 metrics.active_sessions.set(await engine.store.count())
+            for name, served in engine.registry.models.items():
+                metrics.package_loaded.labels(name).set(served.batcher.package_ready.is_set())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     keys = configured_keys(settings)

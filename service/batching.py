@@ -130,12 +130,14 @@ class MicroBatcher:
         nice: int = 0,
         tracer: Tracer | None = None,
         compile: bool = False,
+        package: bool = False,
     ) -> None:
         self.model, self.name, self.tracer = model, name, tracer
         self.runner: EagerRunner = EagerRunner(model)
         self.chunk = precompute_chunk(model)
-        self.compile = compile
+        self.compile, self.package = compile, package
         self.ready = threading.Event()  # set once the runner is warm (at once when eager)
+        self.package_ready = threading.Event()  # set once the one-image package is loaded (see _load_package)
         self.warm_up_seconds: float | None = None
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
@@ -256,8 +258,13 @@ class MicroBatcher:
             except Exception as exc:  # no compiler, an unsupported operator: serve eagerly
                 log.warning(
                     "compiling the model failed; it runs eagerly",
-                    extra={"fields": {"model": self.name, "error": f"{type(exc).__name__}: {exc}"[:500]}},
+                    extra={"fields": {"model": self.name, "error": _describe(exc)}},
                 )
+            else:
+                if self.package and not runner.cuda:
+                    threading.Thread(
+                        target=self._load_package, args=(runner,), name=f"package-{self.name}", daemon=True
+                    ).start()
         self.warm_up_seconds = time.perf_counter() - started
         if self.compile:
             log.info(
@@ -271,6 +278,28 @@ class MicroBatcher:
                 },
             )
         self.ready.set()
+
+    def _load_package(self, runner: CompiledRunner) -> None:
+        """Load or build the runner's one-image package (``models.aot``), at the lowest priority, off the model thread.
+
+        The server is ready before it: until the package is loaded, a lone step runs the
+        encoder eagerly and the recurrence through the compiled graph for one row. The
+        compiler's processes inherit the thread's niceness, so a build takes only the CPU
+        that serving leaves idle.
+        """
+        lower_thread_priority(19)
+        started = time.perf_counter()
+        try:
+            built = runner.load_package()
+        except Exception as exc:  # no compiler, an export that fails, a package that differs from eager
+            log.warning(
+                "the one-image package is not used; a lone step runs the compiled graph",
+                extra={"fields": {"model": self.name, "error": _describe(exc)}},
+            )
+            return
+        self.package_ready.set()
+        fields = {"model": self.name, "built": built, "seconds": round(time.perf_counter() - started, 1)}
+        log.info("one-image package loaded", extra={"fields": fields})
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -308,15 +337,21 @@ class MicroBatcher:
                     rows = torch.cat([job.state.data.expand(job.rows, -1) for job in joined])
                     incoming = NTMState.unpack(rows.to(device, non_blocking=True), layout)
                     states = incoming if states is None else NTMState.stack([states, incoming])
-                    self._precompute(joined, device)
-                inputs = torch.stack(
-                    [
-                        row
-                        for job in active
-                        for row in (job.inputs if job.predict else (job.inputs[len(job.probabilities)],))
-                    ]
-                )
-                logits, new_states = self.runner.recurrent_step(inputs, states)
+                if len(active) == len(joined) == 1 and len(active[0].images) == 1:
+                    # A lone one-image job: the whole step in one runner call (the one-image package).
+                    lone = active[0]
+                    logits, new_states = self.runner.step(states, *self._model_inputs(lone.images, lone.label_slots))
+                else:
+                    if joined:
+                        self._precompute(joined)
+                    inputs = torch.stack(
+                        [
+                            row
+                            for job in active
+                            for row in (job.inputs if job.predict else (job.inputs[len(job.probabilities)],))
+                        ]
+                    )
+                    logits, new_states = self.runner.recurrent_step(inputs, states)
                 probabilities = torch.softmax(logits.float(), dim=-1).tolist()
             remaining, keep, done, row = [], [], [], 0
             for job in active:
@@ -356,18 +391,25 @@ class MicroBatcher:
             _wake(loop, _resolve_all, outcomes)
         return remaining
 
-    def _precompute(self, joined: list[_Job], device: torch.device) -> None:
-        """Every step's input part of the jobs that join (``ink``, ``NTM.precompute_inputs``), in few encoder calls.
+    def _model_inputs(self, images: list[np.ndarray], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, S, S] inked (``ink``) and label inputs [N, K], on the model's device.
 
         The images are all [S, S] (``fit_size``), so ``np.array`` stacks them in C: ``np.stack``
         makes a view of each first (58 against 213 us for 256 images).
         """
+        device = self.model.device
+        return (
+            torch.from_numpy(ink(np.array(images))).to(device),
+            self.model.label_input(torch.from_numpy(np.array(slots)).to(device)),
+        )
+
+    def _precompute(self, joined: list[_Job]) -> None:
+        """Every step's input part of the jobs that join (``NTM.precompute_inputs``), in few encoder calls."""
         images = [image for job in joined for image in job.images]
         slots = [slot for job in joined for slot in job.label_slots]
         chunks = [
             self.model.precompute_inputs(
-                torch.from_numpy(ink(np.array(images[start : start + self.chunk]))).to(device),
-                self.model.label_input(torch.from_numpy(np.array(slots[start : start + self.chunk])).to(device)),
+                *self._model_inputs(images[start : start + self.chunk], slots[start : start + self.chunk])
             )
             for start in range(0, len(images), self.chunk)
         ]
@@ -387,6 +429,11 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
     except OSError:
         log.warning("could not lower the model thread's priority", exc_info=True)
+
+
+def _describe(exc: Exception) -> str:
+    """An exception as a log field: its type and message, cut to 500 characters."""
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _wake(loop: asyncio.AbstractEventLoop, callback: Callable, *args: object) -> None:

@@ -40,6 +40,12 @@ class Metrics:
         self.predictions = Counter(
             "ntm_predictions", "Images classified read-only (predict)", ["model"], registry=self.registry
         )
+        self.package_loaded = Gauge(
+            "ntm_model_package_loaded",
+            "1 once the model's one-image AOTInductor package serves lone steps (NTM_COMPILE_PACKAGE)",
+            ["model"],
+            registry=self.registry,
+        )
         self.errors = Counter("ntm_errors", "Error responses by code", ["code"], registry=self.registry)
         self.rate_limited = Counter(
             "ntm_rate_limited", "Requests refused over a rate limit (429), by limit", ["limit"], registry=self.registry

@@ -68,6 +68,7 @@ class ModelRegistry:
         nice: int = 0,
         tracer: Tracer | None = None,
         compile: bool = False,
+        package: bool = False,
     ) -> ModelRegistry:
         if not paths:
             raise ValueError("no model to serve: give at least one checkpoint directory")
@@ -79,7 +80,7 @@ class ModelRegistry:
             with torch.inference_mode():
                 initial = model.initial_state(1).sessions()[0]
             observe = observer_for(name) if observer_for is not None else None
-            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice, tracer, compile)
+            batcher = MicroBatcher(model, max_batch, max_wait, observe, name, nice, tracer, compile, package)
             models[name] = ServedModel(name, Path(path), model, model.fingerprint(), batcher, initial, index == 0)
         return cls(models)
 

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         description="compile each model's recurrent step with torch.compile before "
         "traffic (/readyz says 503 until then); 0: eager",
     )
+    compile_package: bool = Field(
+        True,
+        description="with compile, on the CPU: load, or build in the background once ready, an AOTInductor "
+        "package of a whole one-image step (models.aot), kept in inductor's cache folder; 0: none",
+    )
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_seconds: float = Field(

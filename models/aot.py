@@ -1,0 +1,140 @@
+"""The whole step of one session on one image, compiled ahead of time by AOTInductor.
+
+A lone client's step is the encoder and the input projection over one image
+(``NTM.precompute_inputs``), then the recurrent step over one row (``NTM.recurrent_step``).
+Through ``torch.compile`` each call pays Python's and dynamo's per-call costs (guards, the
+AOT-autograd wrappers) on top of the kernels, and the encoder runs eagerly. AOTInductor
+(``torch.export``, then ``torch._inductor.aoti_compile_and_package``) compiles both parts into
+one package, a shared library whose call is a single C++ entry point. The fast model's step at
+batch 1, us, measured side by side (``python -m bench.aoti_batch1``,
+``bench/results/aoti-batch1-2026-12-06.json``): eager 195, ``torch.compile`` 178, this
+package 86.
+
+A package takes 7-13 s to build, so a server builds it after it is ready, off the model's
+thread (``service.batching``), and keeps it in inductor's cache folder
+(``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name is a
+digest of everything the package bakes in: the exported graph's code (so a change to the
+model's code is a new package), the weights (frozen into the library as constants), torch's
+version and the SIMD instruction set inductor compiles for. A package is written under a
+temporary name and renamed into place, so replicas sharing a cache volume never load half a
+file. Before use, a package's answer to one step is checked against eager's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.ntm import NTM
+from models.state import NTMState
+
+FOLDER_NAME = "ntm-aot"
+# How a package is exported and compiled (see ``load_or_build``): part of its key, so a change to it is a new package.
+RECIPE = "whole-step 2: grad mode on, weights frozen, freezing"
+CHECK_TOLERANCE = 1e-4  # a package further than this from eager on its check step is not used
+
+Package = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class WholeStep(nn.Module):
+    """``NTM.step`` on flat tensors, as a module's forward for ``torch.export``."""
+
+    def __init__(self, model: NTM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: torch.Tensor, label_inputs: torch.Tensor, *state: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """images [1, S, S], label_inputs [1, K], the state's tensors -> (logits, the new state's tensors)."""
+        logits, new_state = self.model.step(NTMState(*state), images, label_inputs)
+        return logits, *new_state.tensors()
+
+
+def example_inputs(model: NTM) -> tuple[torch.Tensor, ...]:
+    """One session's first step on a blank image without a label: the shapes a package is built for."""
+    size = model.config.image_size
+    images = torch.zeros(1, size, size, device=model.device)
+    labels = model.label_input(torch.full((1,), -1, device=model.device))
+    return (
+        images,
+        labels,
+        *(t.detach().clone(memory_format=torch.contiguous_format) for t in model.initial_state(1).tensors()),
+    )
+
+
+def cache_folder() -> Path:
+    """``ntm-aot/`` in inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` when set)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / FOLDER_NAME
+
+
+def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
+    """A digest of what a package of ``exported`` bakes in: graph, weights, recipe, torch's version, SIMD ISA.
+
+    The graph alone is not enough: exported under ``torch.no_grad`` the same graph code
+    compiled to a package twice as slow, so ``RECIPE`` names how packages are made.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    digest = hashlib.sha256(RECIPE.encode())
+    digest.update(exported.graph_module.code.encode())
+    digest.update(str(exported.graph_signature).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{torch.__version__}|{pick_vec_isa()}".encode())
+    return digest.hexdigest()[:32]
+
+
+def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
+    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it; and whether it was built.
+
+    Exported from a copy of the model, so that a server's model thread can go on using the
+    model meanwhile, with its weights frozen (``requires_grad`` off) but outside both
+    ``torch.inference_mode`` and ``torch.no_grad``: a package exported inside either ran at
+    half the speed (fast model, us a step: 154 against 82 under inference mode, 264 against
+    143 under no_grad).
+    """
+    folder = folder or cache_folder()
+    with torch.inference_mode(False):
+        inputs = example_inputs(model)
+        exported = torch.export.export(WholeStep(copy.deepcopy(model).requires_grad_(False)).eval(), inputs)
+        path = folder / f"{package_key(exported, model)}.pt2"
+        built = not path.exists()
+        if built:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=folder, prefix="partial-", suffix=".pt2")
+            os.close(handle)
+            try:
+                torch._inductor.aoti_compile_and_package(
+                    exported, package_path=partial, inductor_configs={"freezing": True}
+                )
+                os.replace(partial, path)
+            finally:
+                Path(partial).unlink(missing_ok=True)
+    package = torch._inductor.aoti_load_package(str(path))
+    check(package, model)
+    return package, built
+
+
+def check(package: Package, model: NTM) -> None:
+    """Raise ValueError unless ``package`` answers a step with an inked image and a label as eager does."""
+    generator = torch.Generator().manual_seed(0)
+    images, _, *state = example_inputs(model)
+    images = torch.rand(images.shape, generator=generator).to(images.device)
+    labels = model.label_input(torch.zeros(1, dtype=torch.long, device=images.device))
+    with torch.inference_mode():
+        want = WholeStep(model)(images, labels, *state)
+        have = package(images, labels, *state)
+    difference = max((a - b).abs().max().item() for a, b in zip(have, want, strict=True))
+    if difference > CHECK_TOLERANCE:
+        raise ValueError(f"the package differs from eager by {difference:.1e} (tolerance {CHECK_TOLERANCE:.0e})")

@@ -1,0 +1,90 @@
+"""The one-image AOTInductor package (``models.aot``): the eager step's answers, its cache, its key and its check."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import aot
+from models.inference import CompiledRunner, EagerRunner
+from service.batching import MicroBatcher
+from tests.unit.test_inference import CONFIGS, TOLERANCE, model_of
+
+
+def lone_steps(runner: EagerRunner, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` one-image steps of one session through ``runner.step``: every step's logits, then the state's tensors."""
+    model, gen = runner.model, torch.Generator().manual_seed(seed)
+    state, outputs = model.initial_state(1), []
+    with torch.inference_mode():
+        for _ in range(count):
+            images = torch.rand(1, 28, 28, generator=gen)
+            labels = model.label_input(torch.randint(-1, model.config.num_ways, (1,), generator=gen))
+            logits, state = runner.step(state, images, labels)
+            outputs.append(logits.clone())
+    return outputs + [t.clone() for t in state.tensors()]
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_a_package_gives_the_eager_step_and_a_second_start_loads_it_instead_of_building_it(kind, tmp_path: Path):
+    model = model_of(kind)
+    runner = CompiledRunner(model, 4)
+    assert runner.load_package(tmp_path) is True and runner.package is not None
+    packages = sorted(tmp_path.glob("*.pt2"))
+    assert len(packages) == 1  # and no partial file left behind
+    for want, have in zip(lone_steps(EagerRunner(model), 8, seed=1), lone_steps(runner, 8, seed=1), strict=True):
+        assert have.shape == want.shape
+        torch.testing.assert_close(have, want, rtol=0, atol=TOLERANCE)
+    again = CompiledRunner(model, 4)
+    assert again.load_package(tmp_path) is False
+    assert sorted(tmp_path.glob("*.pt2")) == packages
+    # A package for other weights is refused by the check that guards every load.
+    with pytest.raises(ValueError, match="differs from eager"):
+        aot.check(again.package, model_of(kind, seed=1))
+
+
+def test_the_key_changes_with_the_weights_and_the_architecture_and_only_with_them():
+    def key(model) -> str:
+        return aot.package_key(torch.export.export(aot.WholeStep(model), aot.example_inputs(model)), model)
+
+    first = key(model_of("ntm"))
+    assert key(model_of("ntm")) == first
+    assert key(model_of("ntm", seed=1)) != first
+    assert key(model_of("prototype")) != first
+
+
+class FailingPackage(CompiledRunner):
+    """A package that cannot be built, as when the compiler fails on the exported step."""
+
+    def load_package(self, folder: Path | None = None) -> bool:
+        raise RuntimeError("g++ failed")
+
+
+@pytest.mark.anyio
+async def test_when_the_package_fails_the_batcher_logs_one_line_and_serves_lone_steps_from_its_graphs(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr("service.batching.CompiledRunner", FailingPackage)
+    model = model_of("ntm")
+    with caplog.at_level(logging.WARNING, logger="ntm"):
+        compiled, eager = MicroBatcher(model, 4, compile=True, package=True), MicroBatcher(model, 4)
+        try:
+            assert await asyncio.to_thread(compiled.ready.wait, 120)
+            initial, image = model.initial_state(1).sessions()[0], np.full((28, 28), 200, dtype=np.uint8)
+            (got, _), (want, _) = await asyncio.gather(compiled.step(initial, image, 0), eager.step(initial, image, 0))
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+            for _ in range(100):  # the failure is logged by the package's thread
+                if any("package is not used" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+            assert [r.getMessage() for r in caplog.records if "package" in r.getMessage()] == [
+                "the one-image package is not used; a lone step runs the compiled graph"
+            ]
+            assert not compiled.package_ready.is_set() and compiled.runner.kind == "compiled"
+        finally:
+            compiled.close()
+            eager.close()
