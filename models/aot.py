@@ -25,6 +25,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -95,35 +98,72 @@ def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
-    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it; and whether it was built.
+def export_step(model: NTM) -> torch.export.ExportedProgram:
+    """``model``'s whole step at batch 1, exported (``torch.export``) from a copy of the model.
 
-    Exported from a copy of the model, so that a server's model thread can go on using the
-    model meanwhile, with its weights frozen (``requires_grad`` off) but outside both
+    The weights are frozen (``requires_grad`` off), but the export runs outside both
     ``torch.inference_mode`` and ``torch.no_grad``: a package exported inside either ran at
     half the speed (fast model, us a step: 154 against 82 under inference mode, 264 against
-    143 under no_grad).
+    143 under no_grad). Call it on the thread that runs the model: tracing mutates torch's
+    process-wide FX metadata, which a compiled graph called meanwhile on another thread
+    reads (a server raised ``KeyError: 'custom'`` in ``torch.fx.traceback`` that way).
     """
-    folder = folder or cache_folder()
     with torch.inference_mode(False):
-        inputs = example_inputs(model)
-        exported = torch.export.export(WholeStep(copy.deepcopy(model).requires_grad_(False)).eval(), inputs)
-        path = folder / f"{package_key(exported, model)}.pt2"
-        built = not path.exists()
-        if built:
-            folder.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=folder, prefix="partial-", suffix=".pt2")
-            os.close(handle)
-            try:
-                torch._inductor.aoti_compile_and_package(
-                    exported, package_path=partial, inductor_configs={"freezing": True}
-                )
-                os.replace(partial, path)
-            finally:
-                Path(partial).unlink(missing_ok=True)
+        return torch.export.export(WholeStep(copy.deepcopy(model).requires_grad_(False)).eval(), example_inputs(model))
+
+
+def package_path(exported: torch.export.ExportedProgram, model: NTM, folder: Path | None = None) -> Path:
+    """Where the package of ``exported`` is kept: ``folder`` (default ``cache_folder()``), named by its key."""
+    return (folder or cache_folder()) / f"{package_key(exported, model)}.pt2"
+
+
+def build(exported: torch.export.ExportedProgram, path: Path) -> None:
+    """Compile ``exported`` into a package at ``path``: written under a temporary name, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix="partial-", suffix=".pt2")
+    os.close(handle)
+    try:
+        torch._inductor.aoti_compile_and_package(exported, package_path=partial, inductor_configs={"freezing": True})
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def start_build(exported: torch.export.ExportedProgram, path: Path) -> subprocess.Popen:
+    """Build the package at ``path`` in a child process at the lowest CPU priority (``python -m models.aot``).
+
+    A child, not a thread: compiling traces the graph again, which must not meet the serving
+    thread's compiled calls in one process (see ``export_step``), and the child's niceness
+    passes to the compiler processes it starts, so a build takes only CPU that serving leaves.
+    The exported program goes to the child as a file beside the package, removed when it is done.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, program = tempfile.mkstemp(dir=path.parent, prefix="exported-", suffix=".pt2")
+    os.close(handle)
+    torch.export.save(exported, program)
+    return subprocess.Popen(
+        [sys.executable, "-m", "models.aot", program, str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def load(path: Path, model: NTM) -> Package:
+    """The package at ``path``, once it has answered one step as ``model`` does eagerly (``check``)."""
     package = torch._inductor.aoti_load_package(str(path))
     check(package, model)
-    return package, built
+    return package
+
+
+def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
+    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it here; and whether it was built."""
+    exported = export_step(model)
+    path = package_path(exported, model, folder)
+    built = not path.exists()
+    if built:
+        build(exported, path)
+    return load(path, model), built
 
 
 def check(package: Package, model: NTM) -> None:
@@ -138,3 +178,22 @@ def check(package: Package, model: NTM) -> None:
     difference = max((a - b).abs().max().item() for a, b in zip(have, want, strict=True))
     if difference > CHECK_TOLERANCE:
         raise ValueError(f"the package differs from eager by {difference:.1e} (tolerance {CHECK_TOLERANCE:.0e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.aot EXPORTED PACKAGE``: compile the exported step in ``EXPORTED`` into ``PACKAGE``."""
+    program, path = argv if argv is not None else sys.argv[1:]
+    os.nice(19)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a server closing: clean up below, then go
+    from models.inference import skip_isa_test_builds
+
+    skip_isa_test_builds()
+    try:
+        build(torch.export.load(program), Path(path))
+    finally:
+        Path(program).unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -158,16 +158,20 @@ class CompiledRunner(EagerRunner):
         self.package: aot.Package | None = None  # the whole one-image step, once ``load_package`` has it
 
     def load_package(self, folder: Path | None = None) -> bool:
-        """Load (or build, see ``models.aot``) the package of a whole step at batch 1; True when it was built.
+        """Load, or build here, the package of a whole step at batch 1 (``models.aot``); True when it was built.
 
-        From then on ``step`` runs one-image calls through it. Safe to call on another thread
-        than the one calling the runner: it works on a copy of the model, and the package
-        takes effect in one assignment.
+        From then on ``step`` runs one-image calls through it. Call it on the thread that calls
+        the runner (see ``aot.export_step``); a server builds in a child process instead
+        (``aot.start_build``) and then calls ``use_package``.
         """
         if self.cuda:
             raise ValueError("the one-image package is for the CPU; CUDA replays CUDA graphs")
         self.package, built = aot.load_or_build(self.model, folder)
         return built
+
+    def use_package(self, path: Path) -> None:
+        """Serve one-image calls through the package at ``path``, once it has passed ``aot.check``."""
+        self.package = aot.load(path, self.model)
 
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
         """As ``EagerRunner.step``; a one-image call through the package when it is loaded."""

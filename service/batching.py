@@ -48,17 +48,19 @@ import asyncio
 import contextlib
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from models import NTM, NTMState, PackedState
+from models import NTM, NTMState, PackedState, aot
 from models.data.preprocess import ink
 from models.inference import CompiledRunner, EagerRunner
 from service.logs import log
@@ -113,6 +115,15 @@ class _Job:
         return len(self.probabilities) == len(self.images)
 
 
+@dataclass
+class _Package:
+    """A one-image package ready to load, handed to the model thread through the job queue."""
+
+    path: Path
+    seconds: float  # the build's, 0 when it came from the cache
+    built: bool
+
+
 class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new steps."""
 
@@ -141,7 +152,8 @@ class MicroBatcher:
         self.warm_up_seconds: float | None = None
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | _Package | None] = queue.SimpleQueue()
+        self._builder: subprocess.Popen | None = None  # the child building the one-image package, if any
         self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -207,6 +219,8 @@ class MicroBatcher:
         Blocks until then (at most 30 s): call it off the event loop."""
         if not self._closed:
             self._closed = True
+            if self._builder is not None and self._builder.poll() is None:
+                self._builder.terminate()  # the child removes its temporary files on SIGTERM
             self._queue.put(None)
             self._thread.join(timeout=30)
 
@@ -222,6 +236,9 @@ class MicroBatcher:
                 return False
             if job is None:
                 return True
+            if isinstance(job, _Package):
+                self._adopt(job)
+                continue
             active.append(job)
             rows += job.rows
         return False
@@ -239,6 +256,9 @@ class MicroBatcher:
                 first = self._queue.get()
                 if first is None:
                     break
+                if isinstance(first, _Package):
+                    self._adopt(first)
+                    continue
                 active.append(first)
                 closing = self._admit(active, wait=busy)
             elif not closing:
@@ -262,9 +282,7 @@ class MicroBatcher:
                 )
             else:
                 if self.package and not runner.cuda:
-                    threading.Thread(
-                        target=self._load_package, args=(runner,), name=f"package-{self.name}", daemon=True
-                    ).start()
+                    self._prepare_package(runner)
         self.warm_up_seconds = time.perf_counter() - started
         if self.compile:
             log.info(
@@ -279,27 +297,56 @@ class MicroBatcher:
             )
         self.ready.set()
 
-    def _load_package(self, runner: CompiledRunner) -> None:
-        """Load or build the runner's one-image package (``models.aot``), at the lowest priority, off the model thread.
+    def _prepare_package(self, runner: CompiledRunner) -> None:
+        """Use the runner's one-image package (``models.aot``) from the cache, or start building it in a child.
 
-        The server is ready before it: until the package is loaded, a lone step runs the
-        encoder eagerly and the recurrence through the compiled graph for one row. The
-        compiler's processes inherit the thread's niceness, so a build takes only the CPU
-        that serving leaves idle.
+        On the model thread, in the warm-up: the export (and, with the package in inductor's
+        cache folder, loading and checking it) takes well under a second. A build takes 7-13
+        s a model, so the server does not wait for it: until the package comes, a lone step
+        runs the encoder eagerly and the recurrence through the compiled graph for one row.
         """
-        lower_thread_priority(19)
-        started = time.perf_counter()
         try:
-            built = runner.load_package()
-        except Exception as exc:  # no compiler, an export that fails, a package that differs from eager
-            log.warning(
-                "the one-image package is not used; a lone step runs the compiled graph",
-                extra={"fields": {"model": self.name, "error": _describe(exc)}},
-            )
+            exported = aot.export_step(self.model)
+            path = aot.package_path(exported, self.model)
+            if path.exists():
+                self._adopt(_Package(path, 0.0, built=False))
+                return
+            process = aot.start_build(exported, path)
+        except Exception as exc:  # an export that fails, a cache folder that cannot be written
+            self._no_package(exc)
+            return
+        threading.Thread(
+            target=self._await_build, args=(process, path), name=f"package-{self.name}", daemon=True
+        ).start()
+        self._builder = process
+
+    def _await_build(self, process: subprocess.Popen, path: Path) -> None:
+        """Wait for the child building the package, then hand it to the model thread (through the job queue)."""
+        started = time.perf_counter()
+        _, errors = process.communicate()
+        if process.returncode != 0:
+            if not self._closed:
+                self._no_package(RuntimeError(f"the build exited with {process.returncode}: {errors[-400:]}"))
+            return
+        self._queue.put(_Package(path, time.perf_counter() - started, built=True))
+
+    def _adopt(self, package: _Package) -> None:
+        """On the model thread: load and check the package, and serve lone steps through it from the next call."""
+        assert isinstance(self.runner, CompiledRunner)
+        try:
+            self.runner.use_package(package.path)
+        except Exception as exc:  # a package that does not load, or differs from eager
+            self._no_package(exc)
             return
         self.package_ready.set()
-        fields = {"model": self.name, "built": built, "seconds": round(time.perf_counter() - started, 1)}
+        fields = {"model": self.name, "built": package.built, "seconds": round(package.seconds, 1)}
         log.info("one-image package loaded", extra={"fields": fields})
+
+    def _no_package(self, exc: Exception) -> None:
+        log.warning(
+            "the one-image package is not used; a lone step runs the compiled graph",
+            extra={"fields": {"model": self.name, "error": _describe(exc)}},
+        )
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -307,7 +354,7 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
+            if isinstance(job, _Job):
                 _wake(job.loop, _resolve, job.future, BatcherClosed("the model is shutting down"))
 
     def _compute(self, active: list[_Job]) -> list[_Job]:

@@ -1,4 +1,4 @@
-"""A server that compiles its model step (NTM_COMPILE=1): not ready until warm, then the eager answers."""
+"""A server that compiles its model step (NTM_COMPILE=1): not ready until warm, then the eager answers, then its package."""
 
 from __future__ import annotations
 
@@ -25,16 +25,32 @@ def first_readiness(server: ServerProcess, timeout: float = 60.0) -> httpx.Respo
     raise AssertionError(f"no answer from /readyz:\n{server.log()}")
 
 
+def wait_for_package(server: ServerProcess, timeout: float) -> None:
+    """Until /metrics says every model's one-image package is loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(server.url + "/metrics", timeout=5.0).text
+        gauges = [line for line in text.splitlines() if line.startswith("ntm_model_package_loaded{")]
+        if gauges and all(line.endswith(" 1.0") for line in gauges):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no package loaded:\n{server.log()}")
+
+
 def episode(server: ServerProcess, images: list[list[list[int]]]) -> list[list[float]]:
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         session = client.post("/v1/sessions", json={}).json()["session_id"]
-        return [
-            client.post(f"/v1/sessions/{session}/steps", json=step_body(image, label=t % 3)).json()["probabilities"]
+        answers = [
+            client.post(f"/v1/sessions/{session}/steps", json=step_body(image, label=t % 3))
             for t, image in enumerate(images)
         ]
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    return [answer.json()["probabilities"] for answer in answers]
 
 
-def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one(tiny_checkpoint: Path, tmp_path: Path):
+def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_before_and_after_its_package(
+    tiny_checkpoint: Path, tmp_path: Path
+):
     common = {"NTM_MODELS": str(tiny_checkpoint), "NTM_MAX_BATCH": "4"}
     # A cache of its own, empty: the warm-up compiles, so it outlasts the server's start.
     compiled = ServerProcess({**common, "NTM_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
@@ -48,7 +64,12 @@ def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one(tin
         eager.wait_ready()
         assert '"runner": "compiled"' in compiled.log() and '"message": "model warm"' in compiled.log()
         images = [random_pixels(seed) for seed in range(8)]
-        np.testing.assert_allclose(episode(compiled, images), episode(eager, images), rtol=0, atol=TOLERANCE)
+        want = episode(eager, images)
+        np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
+        # Once ready it builds the one-image package in the background; lone steps then run through it.
+        wait_for_package(compiled, timeout=180)
+        assert '"message": "one-image package loaded"' in compiled.log()
+        np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
     finally:
         compiled.stop()
         eager.stop()

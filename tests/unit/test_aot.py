@@ -57,34 +57,33 @@ def test_the_key_changes_with_the_weights_and_the_architecture_and_only_with_the
     assert key(model_of("prototype")) != first
 
 
-class FailingPackage(CompiledRunner):
-    """A package that cannot be built, as when the compiler fails on the exported step."""
-
-    def load_package(self, folder: Path | None = None) -> bool:
-        raise RuntimeError("g++ failed")
-
-
 @pytest.mark.anyio
-async def test_when_the_package_fails_the_batcher_logs_one_line_and_serves_lone_steps_from_its_graphs(
-    monkeypatch, caplog
+async def test_when_the_package_cannot_be_built_the_batcher_logs_one_line_and_serves_lone_steps_from_its_graphs(
+    monkeypatch, caplog, tmp_path: Path
 ):
-    monkeypatch.setattr("service.batching.CompiledRunner", FailingPackage)
     model = model_of("ntm")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # read by the child's inductor; this process's is set
     with caplog.at_level(logging.WARNING, logger="ntm"):
         compiled, eager = MicroBatcher(model, 4, compile=True, package=True), MicroBatcher(model, 4)
         try:
-            assert await asyncio.to_thread(compiled.ready.wait, 120)
+            assert await asyncio.to_thread(compiled.ready.wait, 300)
             initial, image = model.initial_state(1).sessions()[0], np.full((28, 28), 200, dtype=np.uint8)
             (got, _), (want, _) = await asyncio.gather(compiled.step(initial, image, 0), eager.step(initial, image, 0))
             np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
-            for _ in range(100):  # the failure is logged by the package's thread
+            for _ in range(1200):  # the child's failure is logged by the thread that waits for it
                 if any("package is not used" in r.getMessage() for r in caplog.records):
                     break
                 await asyncio.sleep(0.05)
-            assert [r.getMessage() for r in caplog.records if "package" in r.getMessage()] == [
+            warnings = [r for r in caplog.records if "package" in r.getMessage()]
+            assert [r.getMessage() for r in warnings] == [
                 "the one-image package is not used; a lone step runs the compiled graph"
             ]
+            assert "exited with 1" in warnings[0].fields["error"]
             assert not compiled.package_ready.is_set() and compiled.runner.kind == "compiled"
+            assert not list((tmp_path / aot.FOLDER_NAME).iterdir())  # the child removed its files
+            (got, _), (want, _) = await asyncio.gather(compiled.step(initial, image, 1), eager.step(initial, image, 1))
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
         finally:
             compiled.close()
             eager.close()
