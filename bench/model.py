@@ -7,7 +7,8 @@ under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten 
 (``bench.seed_reference``), interleaved within each batch size, median of the repeats. The default
 and fast models' architectures are also timed as the service runs them with NTM_COMPILE (the
 default): the encoder eager, the recurrent step compiled (``models.inference.CompiledRunner``,
-the graph a server runs at that batch size compiled before timing). A
+the graph a server runs at that batch size compiled before timing), and at batch 1 the whole
+step through the one-image AOTInductor package a server loads once ready (``models.aot``). A
 ``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
 FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -127,20 +129,27 @@ def ntm_runner(model: NTM, batch: int, runner: EagerRunner | None = None) -> Run
     images = torch.rand(batch, size, size, generator=gen)
     labels = model.label_input(torch.randint(-1, ways, (batch,), generator=gen))
     state = model.initial_state(batch)
-    recurrent_step = (runner or EagerRunner(model)).recurrent_step
+    step = (runner or EagerRunner(model)).step
 
     def run(steps: int) -> None:
         nonlocal state
         for _ in range(steps):
-            _, state = recurrent_step(model.precompute_inputs(images, labels), state)
+            _, state = step(state, images, labels)
 
     return run
 
 
 def compiled_runner(model: NTM, batch: int) -> CompiledRunner:
-    """The service's compiled step with ``batch`` its largest batch, compiled now (outside the timing)."""
+    """The service's compiled step with ``batch`` its largest batch, compiled now (outside the timing).
+
+    At batch 1 with the one-image package (``models.aot``) a server loads once it is ready,
+    built into a temporary folder: these models' random weights are no server's.
+    """
     runner = CompiledRunner(model, batch)
     runner.warm_up()
+    if batch == 1:
+        with tempfile.TemporaryDirectory(prefix="ntm-aot-") as folder:
+            runner.load_package(Path(folder))  # loaded into memory: the file is not needed afterwards
     return runner
 
 
