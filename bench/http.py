@@ -124,6 +124,8 @@ def measure_store(
 ) -> dict:
     env = server_env(store, model, compile, malloc_keep_mb)
     server = ServerProcess(env).wait_ready(timeout=600)  # a cold warm-up: minutes
+    if compile == "1":  # a package build in the background would take CPU from the measurement
+        server.wait_packages(timeout=600)
     try:
         pin_process(server.process.pid, cpus[0])  # every thread: the model thread too
         host, port = "127.0.0.1", server.port

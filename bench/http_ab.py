@@ -115,6 +115,8 @@ def compare(args: argparse.Namespace, this_env: dict[str, str]) -> int:
         work = {}
         for name, server in servers.items():
             server.wait_ready()
+            if args.compile == "1":  # a package build in the background would take CPU from the measurement
+                server.wait_packages()
             pin_process(server.process.pid, cpus[0])
             for key, value in phases(server.url, args.image).items():
                 work[(name, *key)] = value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.ntm import NTM
 from models.state import NTMState
 
@@ -104,9 +106,9 @@ def export_step(model: NTM) -> torch.export.ExportedProgram:
     The weights are frozen (``requires_grad`` off), but the export runs outside both
     ``torch.inference_mode`` and ``torch.no_grad``: a package exported inside either ran at
     half the speed (fast model, us a step: 154 against 82 under inference mode, 264 against
-    143 under no_grad). Call it on the thread that runs the model: tracing mutates torch's
-    process-wide FX metadata, which a compiled graph called meanwhile on another thread
-    reads (a server raised ``KeyError: 'custom'`` in ``torch.fx.traceback`` that way).
+    143 under no_grad). Tracing mutates torch's
+    process-wide state, which a model call or compile on another thread runs into (see
+    ``start_build``): a server calls it only in a child process.
     """
     with torch.inference_mode(False):
         return torch.export.export(WholeStep(copy.deepcopy(model).requires_grad_(False)).eval(), example_inputs(model))
@@ -129,24 +131,32 @@ def build(exported: torch.export.ExportedProgram, path: Path) -> None:
         Path(partial).unlink(missing_ok=True)
 
 
-def start_build(exported: torch.export.ExportedProgram, path: Path) -> subprocess.Popen:
-    """Build the package at ``path`` in a child process at the lowest CPU priority (``python -m models.aot``).
+def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
+    """Find or build the package of ``model`` in ``folder`` (default ``cache_folder()``) in a child process.
 
-    A child, not a thread: compiling traces the graph again, which must not meet the serving
-    thread's compiled calls in one process (see ``export_step``), and the child's niceness
-    passes to the compiler processes it starts, so a build takes only CPU that serving leaves.
-    The exported program goes to the child as a file beside the package, removed when it is done.
+    A child (``python -m models.aot``) at the lowest CPU priority, not a thread: exporting and
+    compiling trace the model, and tracing patches process-wide state (``torch.nn.Module``'s
+    call, ``torch.fx.traceback``'s metadata) that a model call or a ``torch.compile`` on
+    another thread of the same process then runs into. The compiler processes the child
+    starts inherit its niceness, so a build takes only CPU that serving leaves. The model
+    goes to the child as a checkpoint in a temporary folder, which the child removes. Its
+    standard output's last line is ``built PATH`` or ``cached PATH``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, program = tempfile.mkstemp(dir=path.parent, prefix="exported-", suffix=".pt2")
-    os.close(handle)
-    torch.export.save(exported, program)
+    checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
     return subprocess.Popen(
-        [sys.executable, "-m", "models.aot", program, str(path)],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "models.aot", str(checkpoint), str(folder or cache_folder())],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def build_result(stdout: str) -> tuple[Path, bool]:
+    """The package's path in a finished ``start_build`` child's output, and whether the child built it."""
+    word, _, path = stdout.strip().splitlines()[-1].partition(" ")
+    if word not in ("built", "cached") or not path:
+        raise ValueError(f"unexpected output of the package build: {stdout[-200:]!r}")
+    return Path(path), word == "built"
 
 
 def load(path: Path, model: NTM) -> Package:
@@ -181,17 +191,27 @@ def check(package: Package, model: NTM) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m models.aot EXPORTED PACKAGE``: compile the exported step in ``EXPORTED`` into ``PACKAGE``."""
-    program, path = argv if argv is not None else sys.argv[1:]
+    """``python -m models.aot CHECKPOINT FOLDER``: the package of the checkpoint's step, found in or built into FOLDER.
+
+    Prints ``built PATH`` or ``cached PATH``, and removes CHECKPOINT (a temporary copy, see
+    ``start_build``) however it ends, a SIGTERM from a closing server included.
+    """
+    checkpoint, folder = argv if argv is not None else sys.argv[1:]
     os.nice(19)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a server closing: clean up below, then go
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     from models.inference import skip_isa_test_builds
 
     skip_isa_test_builds()
     try:
-        build(torch.export.load(program), Path(path))
+        model = load_checkpoint(checkpoint).eval()
+        exported = export_step(model)
+        path = package_path(exported, model, Path(folder))
+        built = not path.exists()
+        if built:
+            build(exported, path)
     finally:
-        Path(program).unlink(missing_ok=True)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    print("built" if built else "cached", path)
     return 0
 
 

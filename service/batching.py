@@ -120,8 +120,8 @@ class _Package:
     """A one-image package ready to load, handed to the model thread through the job queue."""
 
     path: Path
-    seconds: float  # the build's, 0 when it came from the cache
-    built: bool
+    seconds: float  # from starting the child to its end
+    built: bool  # False: it was in the cache
 
 
 class BatcherClosed(RuntimeError):
@@ -282,7 +282,7 @@ class MicroBatcher:
                 )
             else:
                 if self.package and not runner.cuda:
-                    self._prepare_package(runner)
+                    self._prepare_package()
         self.warm_up_seconds = time.perf_counter() - started
         if self.compile:
             log.info(
@@ -297,38 +297,36 @@ class MicroBatcher:
             )
         self.ready.set()
 
-    def _prepare_package(self, runner: CompiledRunner) -> None:
-        """Use the runner's one-image package (``models.aot``) from the cache, or start building it in a child.
+    def _prepare_package(self) -> None:
+        """Start the child that finds the runner's one-image package (``models.aot``) in the cache, or builds it.
 
-        On the model thread, in the warm-up: the export (and, with the package in inductor's
-        cache folder, loading and checking it) takes well under a second. A build takes 7-13
-        s a model, so the server does not wait for it: until the package comes, a lone step
-        runs the encoder eagerly and the recurrence through the compiled graph for one row.
+        The server does not wait for it: a build takes 7-13 s a model, and even a cached
+        package takes the child a few seconds (torch's import, the export). Until the package
+        comes, a lone step runs the encoder eagerly and the recurrence through the compiled
+        graph for one row.
         """
         try:
-            exported = aot.export_step(self.model)
-            path = aot.package_path(exported, self.model)
-            if path.exists():
-                self._adopt(_Package(path, 0.0, built=False))
-                return
-            process = aot.start_build(exported, path)
-        except Exception as exc:  # an export that fails, a cache folder that cannot be written
+            self._builder = aot.start_build(self.model)
+        except Exception as exc:  # a temporary folder that cannot be written, no interpreter to start
             self._no_package(exc)
             return
         threading.Thread(
-            target=self._await_build, args=(process, path), name=f"package-{self.name}", daemon=True
+            target=self._await_build, args=(self._builder,), name=f"package-{self.name}", daemon=True
         ).start()
-        self._builder = process
 
-    def _await_build(self, process: subprocess.Popen, path: Path) -> None:
-        """Wait for the child building the package, then hand it to the model thread (through the job queue)."""
+    def _await_build(self, process: subprocess.Popen) -> None:
+        """Wait for the child, then hand its package to the model thread (through the job queue)."""
         started = time.perf_counter()
-        _, errors = process.communicate()
-        if process.returncode != 0:
+        output, errors = process.communicate()
+        try:
+            if process.returncode != 0:
+                raise RuntimeError(f"the package build exited with {process.returncode}: {errors[-400:]}")
+            path, built = aot.build_result(output)
+        except (RuntimeError, ValueError) as exc:
             if not self._closed:
-                self._no_package(RuntimeError(f"the build exited with {process.returncode}: {errors[-400:]}"))
+                self._no_package(exc)
             return
-        self._queue.put(_Package(path, time.perf_counter() - started, built=True))
+        self._queue.put(_Package(path, time.perf_counter() - started, built))
 
     def _adopt(self, package: _Package) -> None:
         """On the model thread: load and check the package, and serve lone steps through it from the next call."""

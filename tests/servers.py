@@ -102,6 +102,20 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not ready within {timeout:g} s:\n{self.log()[-3000:]}")
 
+    def wait_packages(self, timeout: float = 300.0) -> ServerProcess:
+        """Until /metrics says every model's one-image package is loaded (``ntm_model_package_loaded``).
+
+        A server without that gauge (a build from before packages, in an A/B run) has none to wait for.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = httpx.get(self.url + "/metrics", timeout=5.0).text
+            gauges = [line for line in text.splitlines() if line.startswith("ntm_model_package_loaded{")]
+            if all(line.endswith(" 1.0") for line in gauges):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"packages not loaded within {timeout:g} s:\n{self.log()[-3000:]}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal, then wait; the exit status (uvicorn re-raises SIGTERM after a graceful shutdown: -15)."""
         if self.process.poll() is None:

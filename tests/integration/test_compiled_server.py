@@ -25,18 +25,6 @@ def first_readiness(server: ServerProcess, timeout: float = 60.0) -> httpx.Respo
     raise AssertionError(f"no answer from /readyz:\n{server.log()}")
 
 
-def wait_for_package(server: ServerProcess, timeout: float) -> None:
-    """Until /metrics says every model's one-image package is loaded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = httpx.get(server.url + "/metrics", timeout=5.0).text
-        gauges = [line for line in text.splitlines() if line.startswith("ntm_model_package_loaded{")]
-        if gauges and all(line.endswith(" 1.0") for line in gauges):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no package loaded:\n{server.log()}")
-
-
 def episode(server: ServerProcess, images: list[list[list[int]]]) -> list[list[float]]:
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         session = client.post("/v1/sessions", json={}).json()["session_id"]
@@ -67,7 +55,7 @@ def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_bef
         want = episode(eager, images)
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
         # Once ready it builds the one-image package in the background; lone steps then run through it.
-        wait_for_package(compiled, timeout=180)
+        compiled.wait_packages(timeout=180)
         assert '"message": "one-image package loaded"' in compiled.log()
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
     finally:
