@@ -5,19 +5,21 @@ A lone client's step is the encoder and the input projection over one image
 Through ``torch.compile`` each call pays Python's and dynamo's per-call costs (guards, the
 AOT-autograd wrappers) on top of the kernels, and the encoder runs eagerly. AOTInductor
 (``torch.export``, then ``torch._inductor.aoti_compile_and_package``) compiles both parts into
-one package, a shared library whose call is a single C++ entry point. The fast model's step at
-batch 1, us, measured side by side (``python -m bench.aoti_batch1``,
-``bench/results/aoti-batch1-2026-12-06.json``): eager 195, ``torch.compile`` 178, this
-package 86.
+one package, a shared library whose call is a single C++ entry point. Measured side by side in
+one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-served.json``),
+us a step at batch 1: fast model eager 530, encoder eager then the compiled graph 441, this
+package 220; default model 1,046, 780 and 418. Its outputs matched eager's to 5.7e-6 (fast)
+and 9.5e-7 (default).
 
-A package takes 7-13 s to build, so a server builds it after it is ready, off the model's
-thread (``service.batching``), and keeps it in inductor's cache folder
-(``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name is a
-digest of everything the package bakes in: the exported graph's code (so a change to the
-model's code is a new package), the weights (frozen into the library as constants), torch's
-version and the SIMD instruction set inductor compiles for. A package is written under a
-temporary name and renamed into place, so replicas sharing a cache volume never load half a
-file. Before use, a package's answer to one step is checked against eager's.
+A package takes 7-13 s to build, so a server finds or builds it in a child process once its
+graphs are warm (``start_build``, ``service.batching``), and keeps it in inductor's cache
+folder (``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name
+is a digest of everything the package bakes in: the exported graph (so a change to the model's
+code is a new package), the weights (frozen into the library as constants), how it was
+exported and compiled (``RECIPE``), torch's version and the SIMD instruction set inductor
+compiles for. A package is written under a temporary name and renamed into place, so replicas
+sharing a cache volume never load half a file, and before use its answer to one step is
+checked against eager's (``check``).
 """
 
 from __future__ import annotations
