@@ -137,9 +137,10 @@ def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
     """Find or build the package of ``model`` in ``folder`` (default ``cache_folder()``) in a child process.
 
     A child (``python -m models.aot``) at the lowest CPU priority, not a thread: exporting and
-    compiling trace the model, and tracing patches process-wide state (``torch.nn.Module``'s
-    call, ``torch.fx.traceback``'s metadata) that a model call or a ``torch.compile`` on
-    another thread of the same process then runs into. The compiler processes the child
+    compiling trace the model, and tracing changes state that every thread of a process
+    shares. Tried on a thread of the server, an export made a compiled call on the model
+    thread fail in ``torch.fx.traceback`` (``KeyError: 'custom'``), and made another model's
+    ``torch.compile`` trace into the export's proxy code and fail. The compiler processes the child
     starts inherit its niceness, so a build takes only CPU that serving leaves. The model
     goes to the child as a checkpoint in a temporary folder, which the child removes. Its
     standard output's last line is ``built PATH`` or ``cached PATH``.
@@ -168,13 +169,19 @@ def load(path: Path, model: NTM) -> Package:
     return package
 
 
-def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
-    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it here; and whether it was built."""
+def find_or_build(model: NTM, folder: Path | None = None) -> tuple[Path, bool]:
+    """The path of ``model``'s package in ``folder``, built here when it is missing; and whether it was built."""
     exported = export_step(model)
     path = package_path(exported, model, folder)
     built = not path.exists()
     if built:
         build(exported, path)
+    return path, built
+
+
+def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
+    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it here; and whether it was built."""
+    path, built = find_or_build(model, folder)
     return load(path, model), built
 
 
@@ -205,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_isa_test_builds()
     try:
-        model = load_checkpoint(checkpoint).eval()
-        exported = export_step(model)
-        path = package_path(exported, model, Path(folder))
-        built = not path.exists()
-        if built:
-            build(exported, path)
+        path, built = find_or_build(load_checkpoint(checkpoint).eval(), Path(folder))
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
     print("built" if built else "cached", path)

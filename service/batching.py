@@ -25,7 +25,11 @@ before a batch of fresh jobs, and never while jobs are under way.
 The recurrent step runs through a runner (``models.inference``): eager, or with ``compile``
 TorchInductor's graphs of the step (one of them takes any batch size), compiled by the worker
 thread before it takes its first job (``ready`` is set then). When compiling fails, the worker
-logs one line and runs eagerly.
+logs one line and runs eagerly. A call that is one job of one image, none under way (a lone
+client's step or one-image prediction), runs as one whole step (``EagerRunner.step``); with
+``package`` that is the one-image AOTInductor package (``models.aot``), which a child process
+finds or builds once the graphs are warm and the worker loads when the child is done, between
+two model calls (``package_ready`` is set then).
 
 With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
 every model call it takes part in, and its request, once woken, turns them into its
@@ -146,9 +150,9 @@ class MicroBatcher:
         self.model, self.name, self.tracer = model, name, tracer
         self.runner: EagerRunner = EagerRunner(model)
         self.chunk = precompute_chunk(model)
-        self.compile, self.package = compile, package
+        self.compile, self.with_package = compile, package
         self.ready = threading.Event()  # set once the runner is warm (at once when eager)
-        self.package_ready = threading.Event()  # set once the one-image package is loaded (see _load_package)
+        self.package_ready = threading.Event()  # set once the one-image package serves lone steps (see _adopt)
         self.warm_up_seconds: float | None = None
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
@@ -281,7 +285,7 @@ class MicroBatcher:
                     extra={"fields": {"model": self.name, "error": _describe(exc)}},
                 )
             else:
-                if self.package and not runner.cuda:
+                if self.with_package and not runner.cuda:
                     self._prepare_package()
         self.warm_up_seconds = time.perf_counter() - started
         if self.compile:
