@@ -8,7 +8,7 @@ under ``torch.inference_mode``, for the conv and flatten NTMs, the LRUA flatten 
 and fast models' architectures are also timed as the service runs them with NTM_COMPILE (the
 default): the encoder eager, the recurrent step compiled (``models.inference.CompiledRunner``,
 the graph a server runs at that batch size compiled before timing), and at batch 1 the whole
-step through the one-image AOTInductor package a server loads once ready (``models.aot``). A
+step through the one-row AOTInductor packages a server loads once ready (``models.aot``). A
 ``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
 FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
 """
@@ -142,14 +142,14 @@ def ntm_runner(model: NTM, batch: int, runner: EagerRunner | None = None) -> Run
 def compiled_runner(model: NTM, batch: int) -> CompiledRunner:
     """The service's compiled step with ``batch`` its largest batch, compiled now (outside the timing).
 
-    At batch 1 with the one-image package (``models.aot``) a server loads once it is ready,
+    At batch 1 with the one-row packages (``models.aot``) a server loads once it is ready,
     built into a temporary folder: these models' random weights are no server's.
     """
     runner = CompiledRunner(model, batch)
     runner.warm_up()
     if batch == 1:
         with tempfile.TemporaryDirectory(prefix="ntm-aot-") as folder:
-            runner.load_package(Path(folder))  # loaded into memory: the file is not needed afterwards
+            runner.load_packages(Path(folder))  # loaded into memory: the file is not needed afterwards
     return runner
 
 

@@ -43,7 +43,7 @@ from models.ntm import NTM
 from models.state import NTMState
 
 FOLDER_NAME = "ntm-aot"
-# How a package is exported and compiled (see ``load_or_build``): part of its key, so a change to it is a new package.
+# How a package is exported and compiled (see ``export_part``): part of its key, so a change to it is a new package.
 RECIPE = "whole-step 2: grad mode on, weights frozen, freezing"
 CHECK_TOLERANCE = 1e-4  # a package further than this from eager on its check step is not used
 
@@ -65,16 +65,33 @@ class WholeStep(nn.Module):
         return logits, *new_state.tensors()
 
 
-def example_inputs(model: NTM) -> tuple[torch.Tensor, ...]:
-    """One session's first step on a blank image without a label: the shapes a package is built for."""
-    size = model.config.image_size
-    images = torch.zeros(1, size, size, device=model.device)
-    labels = model.label_input(torch.full((1,), -1, device=model.device))
-    return (
-        images,
-        labels,
-        *(t.detach().clone(memory_format=torch.contiguous_format) for t in model.initial_state(1).tensors()),
-    )
+class RecurrentStep(WholeStep):
+    """``NTM.recurrent_step`` on flat tensors: what a session's batch form (several images) runs a row at a time."""
+
+    def forward(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """pre [1, P], the state's tensors -> (logits, the new state's tensors)."""
+        logits, new_state = self.model.recurrent_step(pre, NTMState(*state))
+        return logits, *new_state.tensors()
+
+
+PARTS: dict[str, type[WholeStep]] = {"step": WholeStep, "recurrent": RecurrentStep}
+
+
+def example_inputs(model: NTM, part: str, seed: int | None = None) -> tuple[torch.Tensor, ...]:
+    """A first step without a label, for ``part``: a blank image, or with ``seed`` a random one.
+
+    Plain tensors (not inference tensors, no autograd history): the shapes a package is built for.
+    """
+    size, device = model.config.image_size, model.device
+    images = torch.zeros(1, size, size, device=device)
+    if seed is not None:
+        images = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = model.label_input(torch.full((1,), -1, device=device))
+    state = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in model.initial_state(1).tensors())
+    if part == "step":
+        return images, labels, *state
+    with torch.no_grad():
+        return model.precompute_inputs(images, labels), *state
 
 
 def cache_folder() -> Path:
@@ -102,18 +119,18 @@ def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
     return digest.hexdigest()[:32]
 
 
-def export_step(model: NTM) -> torch.export.ExportedProgram:
-    """``model``'s whole step at batch 1, exported (``torch.export``) from a copy of the model.
+def export_part(model: NTM, part: str) -> torch.export.ExportedProgram:
+    """``part`` of ``model``'s step (``PARTS``) at batch 1, exported (``torch.export``) from a copy of the model.
 
     The weights are frozen (``requires_grad`` off), but the export runs outside both
     ``torch.inference_mode`` and ``torch.no_grad``: a package exported inside either ran at
     half the speed (fast model, us a step: 154 against 82 under inference mode, 264 against
-    143 under no_grad). Tracing mutates torch's
-    process-wide state, which a model call or compile on another thread runs into (see
-    ``start_build``): a server calls it only in a child process.
+    143 under no_grad). Tracing changes state that every thread of a process shares, so a
+    server exports only in a child process (see ``start_build``).
     """
     with torch.inference_mode(False):
-        return torch.export.export(WholeStep(copy.deepcopy(model).requires_grad_(False)).eval(), example_inputs(model))
+        module = PARTS[part](copy.deepcopy(model).requires_grad_(False)).eval()
+        return torch.export.export(module, example_inputs(model, part))
 
 
 def package_path(exported: torch.export.ExportedProgram, model: NTM, folder: Path | None = None) -> Path:
@@ -134,16 +151,16 @@ def build(exported: torch.export.ExportedProgram, path: Path) -> None:
 
 
 def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
-    """Find or build the package of ``model`` in ``folder`` (default ``cache_folder()``) in a child process.
+    """Find or build ``model``'s packages in ``folder`` (default ``cache_folder()``) in a child process.
 
     A child (``python -m models.aot``) at the lowest CPU priority, not a thread: exporting and
     compiling trace the model, and tracing changes state that every thread of a process
     shares. Tried on a thread of the server, an export made a compiled call on the model
     thread fail in ``torch.fx.traceback`` (``KeyError: 'custom'``), and made another model's
-    ``torch.compile`` trace into the export's proxy code and fail. The compiler processes the child
-    starts inherit its niceness, so a build takes only CPU that serving leaves. The model
+    ``torch.compile`` trace into the export's proxy code and fail. The compiler processes the
+    child starts inherit its niceness, so a build takes only CPU that serving leaves. The model
     goes to the child as a checkpoint in a temporary folder, which the child removes. Its
-    standard output's last line is ``built PATH`` or ``cached PATH``.
+    standard output ends with a line per part: ``PART built PATH`` or ``PART cached PATH``.
     """
     checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
     return subprocess.Popen(
@@ -154,56 +171,63 @@ def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
     )
 
 
-def build_result(stdout: str) -> tuple[Path, bool]:
-    """The package's path in a finished ``start_build`` child's output, and whether the child built it."""
-    word, _, path = stdout.strip().splitlines()[-1].partition(" ")
-    if word not in ("built", "cached") or not path:
-        raise ValueError(f"unexpected output of the package build: {stdout[-200:]!r}")
-    return Path(path), word == "built"
+def build_result(stdout: str) -> dict[str, tuple[Path, bool]]:
+    """Each part's package path in a finished ``start_build`` child's output, and whether the child built it."""
+    found = {}
+    for line in stdout.strip().splitlines()[-len(PARTS) :]:
+        part, word, path = (line.split(" ", 2) + ["", ""])[:3]
+        if part in PARTS and word in ("built", "cached") and path:
+            found[part] = (Path(path), word == "built")
+    if sorted(found) != sorted(PARTS):
+        raise ValueError(f"unexpected output of the package build: {stdout[-300:]!r}")
+    return found
 
 
-def load(path: Path, model: NTM) -> Package:
-    """The package at ``path``, once it has answered one step as ``model`` does eagerly (``check``)."""
-    package = torch._inductor.aoti_load_package(str(path))
-    check(package, model)
-    return package
+def find_or_build(model: NTM, folder: Path | None = None) -> dict[str, tuple[Path, bool]]:
+    """Each part's package path in ``folder``, built here when it is missing; and whether it was built."""
+    found = {}
+    for part in PARTS:
+        exported = export_part(model, part)
+        path = package_path(exported, model, folder)
+        built = not path.exists()
+        if built:
+            build(exported, path)
+        found[part] = (path, built)
+    return found
 
 
-def find_or_build(model: NTM, folder: Path | None = None) -> tuple[Path, bool]:
-    """The path of ``model``'s package in ``folder``, built here when it is missing; and whether it was built."""
-    exported = export_step(model)
-    path = package_path(exported, model, folder)
-    built = not path.exists()
-    if built:
-        build(exported, path)
-    return path, built
+def load(paths: dict[str, Path], model: NTM) -> dict[str, Package]:
+    """The packages at ``paths`` by part, once each has answered a step as ``model`` does eagerly (``check``)."""
+    packages = {part: torch._inductor.aoti_load_package(str(path)) for part, path in paths.items()}
+    for part, package in packages.items():
+        check(part, package, model)
+    return packages
 
 
-def load_or_build(model: NTM, folder: Path | None = None) -> tuple[Package, bool]:
-    """The package of ``model``'s whole step at batch 1, from ``folder`` or built into it here; and whether it was built."""
-    path, built = find_or_build(model, folder)
-    return load(path, model), built
+def load_or_build(model: NTM, folder: Path | None = None) -> tuple[dict[str, Package], bool]:
+    """``model``'s packages by part, from ``folder`` or built into it here; and whether any was built."""
+    found = find_or_build(model, folder)
+    return load({part: path for part, (path, _) in found.items()}, model), any(b for _, b in found.values())
 
 
-def check(package: Package, model: NTM) -> None:
-    """Raise ValueError unless ``package`` answers a step with an inked image and a label as eager does."""
-    generator = torch.Generator().manual_seed(0)
-    images, _, *state = example_inputs(model)
-    images = torch.rand(images.shape, generator=generator).to(images.device)
-    labels = model.label_input(torch.zeros(1, dtype=torch.long, device=images.device))
+def check(part: str, package: Package, model: NTM) -> None:
+    """Raise ValueError unless ``package`` answers a step with a random image and a label as eager does."""
+    inputs = list(example_inputs(model, part, seed=0))
+    if part == "step":
+        inputs[1] = model.label_input(torch.zeros(1, dtype=torch.long, device=model.device))
     with torch.inference_mode():
-        want = WholeStep(model)(images, labels, *state)
-        have = package(images, labels, *state)
+        want = PARTS[part](model)(*inputs)
+        have = package(*inputs)
     difference = max((a - b).abs().max().item() for a, b in zip(have, want, strict=True))
     if difference > CHECK_TOLERANCE:
-        raise ValueError(f"the package differs from eager by {difference:.1e} (tolerance {CHECK_TOLERANCE:.0e})")
+        raise ValueError(f"the {part} package differs from eager by {difference:.1e} (tolerance {CHECK_TOLERANCE:.0e})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m models.aot CHECKPOINT FOLDER``: the package of the checkpoint's step, found in or built into FOLDER.
+    """``python -m models.aot CHECKPOINT FOLDER``: the checkpoint's packages, found in or built into FOLDER.
 
-    Prints ``built PATH`` or ``cached PATH``, and removes CHECKPOINT (a temporary copy, see
-    ``start_build``) however it ends, a SIGTERM from a closing server included.
+    Prints a line per part (``PART built PATH`` or ``PART cached PATH``), and removes CHECKPOINT
+    (a temporary copy, see ``start_build``) however it ends, a SIGTERM from a closing server included.
     """
     checkpoint, folder = argv if argv is not None else sys.argv[1:]
     os.nice(19)
@@ -212,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_isa_test_builds()
     try:
-        path, built = find_or_build(load_checkpoint(checkpoint).eval(), Path(folder))
+        found = find_or_build(load_checkpoint(checkpoint).eval(), Path(folder))
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
-    print("built" if built else "cached", path)
+    for part, (path, built) in found.items():
+        print(part, "built" if built else "cached", path)
     return 0
 
 

@@ -15,10 +15,10 @@ at 256 images, 112 against 152 us at one), and eager is exact where inductor's c
 differ by up to 2e-5.
 
 Compiling a graph takes seconds, and an inductor graph is specialised to its input shapes
-unless a dimension is marked dynamic. On the CPU a runner has three graphs: one for a single
-row, one whose batch dimension is symbolic (``torch._dynamo.mark_dynamic`` at warm-up), which
-takes every size from 2 up without padding, and a static one for the largest batch, the size
-of every call of a saturated server, where it is faster than the symbolic one. Everything
+unless a dimension is marked dynamic. On the CPU a runner has two graphs: one whose batch
+dimension is symbolic (``torch._dynamo.mark_dynamic`` at warm-up), which takes every size
+from 2 up without padding, and a static one for the largest batch, the size of every call of
+a saturated server, where it is faster than the symbolic one. Everything
 else stays static (``dynamic=False``): the graphs of every runner in a process belong to one
 code object, so dynamo's automatic dynamic shapes would otherwise make the sizes of the second
 model to compile (its hidden size, its memory's width) symbolic, which makes slower code. The fast
@@ -36,16 +36,20 @@ size up):
 
 A padded call runs every row of the next size up, so just above a power of two a ladder is
 slower than eager, and a ladder up to 256 is nine graphs a model to compile (87 s for both
-shipped models with an empty cache, against 29 s for these three). A call above the largest
-batch runs eagerly.
+shipped models with an empty cache, against 29 s for three graphs, one of them for one row).
+A call above the largest batch runs eagerly.
 
-A lone session's one-image step (``step`` with one image: the encoder, then the recurrence)
-can also run as one call of an AOTInductor package of the whole step (``models.aot``), once
-``load_package`` or ``use_package`` has given the runner one: that call skips dynamo's guards
-and wrappers and Python's per-operator work in the encoder, and takes half the time of the
-encoder eager then the graph for one row (fast model: 220 against 441 us, default 418 against
-780, ``bench/results/aoti-batch1-2026-12-06-served.json``, an hour when this machine ran about
-2.5 times slower than the figures above).
+One row goes through AOTInductor packages instead (``models.aot``), once ``load_packages`` or
+``use_packages`` has given them to the runner, and eagerly until then: ``step`` with one
+image (a lone session's step: the encoder, then the recurrence) is one call of the whole
+step's package, and ``recurrent_step`` on one row (a session's batch form) one call of the
+recurrent step's. A package's call skips dynamo's guards and wrappers and Python's
+per-operator work in the encoder: the whole step took half the time of the encoder eager then
+a graph for one row (fast model: 220 against 441 us, default 418 against 780,
+``bench/results/aoti-batch1-2026-12-06-served.json``, an hour when this machine ran about 2.5
+times slower than the figures above). A server builds them in the background once ready, so
+its start compiles two graphs a model, not three (35-37 against 42-44 s for both shipped
+models with an empty cache, measured in alternation).
 
 On CUDA the graphs are captured as CUDA graphs (``mode="reduce-overhead"``), so a call is one
 replay instead of hundreds of kernel launches. A CUDA graph is recorded per shape, so there a
@@ -152,7 +156,7 @@ class CompiledRunner(EagerRunner):
         self.cuda = model.device.type == "cuda"
         self.ladder = batch_ladder(largest_batch) if self.cuda else ()
         # Dynamo keeps every graph of a code object in one cache, and recompiles a function at most 8 times:
-        # make room for this runner's graphs (the ladder on CUDA; batch 1 and the dynamic one on the CPU).
+        # make room for this runner's graphs (the ladder on CUDA; the dynamic one and the largest on the CPU).
         with _LIMIT_LOCK:  # runners are made on their batchers' threads
             torch._dynamo.config.recompile_limit += len(self.ladder) or 2
         if not self.cuda:
@@ -163,30 +167,34 @@ class CompiledRunner(EagerRunner):
         self._full = (
             None if self.cuda else torch.compile(self._recurrent_full, dynamic=False, fullgraph=True, options=options)
         )
-        self.package: aot.Package | None = None  # the whole one-image step, once ``load_package`` has it
+        self.packages: dict[str, aot.Package] = {}  # by ``aot.PARTS`` name, once ``load_packages`` has them
 
-    def load_package(self, folder: Path | None = None) -> bool:
-        """Load, or build here, the package of a whole step at batch 1 (``models.aot``); True when it was built.
+    def load_packages(self, folder: Path | None = None) -> bool:
+        """Load, or build here, the one-row packages (``models.aot``); True when one was built.
 
-        From then on ``step`` runs one-image calls through it. Call it on the thread that calls
-        the runner (see ``aot.export_step``); a server builds in a child process instead
-        (``aot.start_build``) and then calls ``use_package``.
+        From then on one-row calls run through them. A build traces the model, so a server
+        builds in a child process instead (``aot.start_build``) and then calls ``use_packages``.
         """
         if self.cuda:
-            raise ValueError("the one-image package is for the CPU; CUDA replays CUDA graphs")
-        self.package, built = aot.load_or_build(self.model, folder)
+            raise ValueError("the one-row packages are for the CPU; CUDA replays CUDA graphs")
+        self.packages, built = aot.load_or_build(self.model, folder)
         return built
 
-    def use_package(self, path: Path) -> None:
-        """Serve one-image calls through the package at ``path``, once it has passed ``aot.check``."""
-        self.package = aot.load(path, self.model)
+    def use_packages(self, paths: dict[str, Path]) -> None:
+        """Serve one-row calls through the packages at ``paths``, once each has passed ``aot.check``."""
+        self.packages = aot.load(paths, self.model)
 
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
-        """As ``EagerRunner.step``; a one-image call through the package when it is loaded."""
-        package = self.package
+        """As ``EagerRunner.step``; a one-image call as one call of the whole step's package, once loaded."""
+        package = self.packages.get("step")
         if package is None or images.shape[0] != 1:
             return super().step(state, images, label_inputs)
-        logits, *tensors = package(images, label_inputs, *(pad_rows(t, 1) for t in state.tensors()))
+        return self._call(package, images, label_inputs, *state.tensors())
+
+    @staticmethod
+    def _call(package: aot.Package, *inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
+        """A package's call on one row (contiguous inputs, as it was built for): (logits, new state)."""
+        logits, *tensors = package(*(pad_rows(t, 1) for t in inputs))
         return logits, NTMState(*tensors)
 
     def _recurrent_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -198,8 +206,8 @@ class CompiledRunner(EagerRunner):
         return self._recurrent_flat(pre, *state)
 
     def _graph(self, rows: int) -> Callable[..., tuple[torch.Tensor, ...]] | None:
-        """The compiled function for a call of ``rows`` rows on the CPU; None above the largest batch."""
-        if rows > self.largest:
+        """The compiled graph for a call of ``rows`` rows on the CPU; None for one row and above the largest batch."""
+        if rows == 1 or rows > self.largest:
             return None
         return self._full if rows == self.largest > 2 else self._step
 
@@ -208,6 +216,8 @@ class CompiledRunner(EagerRunner):
         rows = pre.shape[0]
         if self.cuda:
             return self._replay(pre, state)
+        if rows == 1 and "recurrent" in self.packages:
+            return self._call(self.packages["recurrent"], pre, *state.tensors())
         graph = self._graph(rows)
         if graph is None:
             return self.model.recurrent_step(pre, state)
@@ -226,10 +236,10 @@ class CompiledRunner(EagerRunner):
         return logits[:rows].clone(), NTMState(*(t[:rows].clone() for t in tensors))
 
     def warm_sizes(self) -> tuple[int, ...]:
-        """The batch sizes whose calls compile every graph: the ladder on CUDA; 1, 2 and the largest on the CPU."""
+        """The batch sizes whose calls compile every graph: the ladder on CUDA; 2 and the largest on the CPU."""
         if self.cuda:
             return self.ladder
-        return tuple(sorted({1, min(2, self.largest), self.largest}))
+        return tuple(sorted({2, self.largest})) if self.largest >= 2 else ()
 
     @torch.inference_mode()
     def warm_up(self) -> float:

@@ -26,10 +26,11 @@ The recurrent step runs through a runner (``models.inference``): eager, or with 
 TorchInductor's graphs of the step (one of them takes any batch size), compiled by the worker
 thread before it takes its first job (``ready`` is set then). When compiling fails, the worker
 logs one line and runs eagerly. A call that is one job of one image, none under way (a lone
-client's step or one-image prediction), runs as one whole step (``EagerRunner.step``); with
-``package`` that is the one-image AOTInductor package (``models.aot``), which a child process
+client's step or one-image prediction), runs as one whole step (``EagerRunner.step``). With
+``package``, calls of one row run through AOTInductor packages (``models.aot``: the whole step
+for that call, the recurrent step for a lone session's batch form), which a child process
 finds or builds once the graphs are warm and the worker loads when the child is done, between
-two model calls (``package_ready`` is set then).
+two model calls (``package_ready`` is set then); until then one row runs eagerly.
 
 With a tracer (``service.tracing``), each job notes the wall-clock start, end and batch rows of
 every model call it takes part in, and its request, once woken, turns them into its
@@ -120,12 +121,12 @@ class _Job:
 
 
 @dataclass
-class _Package:
-    """A one-image package ready to load, handed to the model thread through the job queue."""
+class _Packages:
+    """The one-row packages ready to load, handed to the model thread through the job queue."""
 
-    path: Path
+    paths: dict[str, Path]  # by ``aot.PARTS`` name
     seconds: float  # from starting the child to its end
-    built: bool  # False: it was in the cache
+    built: bool  # False: all were in the cache
 
 
 class BatcherClosed(RuntimeError):
@@ -152,12 +153,12 @@ class MicroBatcher:
         self.chunk = precompute_chunk(model)
         self.compile, self.with_package = compile, package
         self.ready = threading.Event()  # set once the runner is warm (at once when eager)
-        self.package_ready = threading.Event()  # set once the one-image package serves lone steps (see _adopt)
+        self.package_ready = threading.Event()  # set once the one-row packages serve (see _adopt)
         self.warm_up_seconds: float | None = None
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
-        self._queue: queue.SimpleQueue[_Job | _Package | None] = queue.SimpleQueue()
-        self._builder: subprocess.Popen | None = None  # the child building the one-image package, if any
+        self._queue: queue.SimpleQueue[_Job | _Packages | None] = queue.SimpleQueue()
+        self._builder: subprocess.Popen | None = None  # the child building the one-row packages, if any
         self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -240,7 +241,7 @@ class MicroBatcher:
                 return False
             if job is None:
                 return True
-            if isinstance(job, _Package):
+            if isinstance(job, _Packages):
                 self._adopt(job)
                 continue
             active.append(job)
@@ -260,7 +261,7 @@ class MicroBatcher:
                 first = self._queue.get()
                 if first is None:
                     break
-                if isinstance(first, _Package):
+                if isinstance(first, _Packages):
                     self._adopt(first)
                     continue
                 active.append(first)
@@ -302,12 +303,11 @@ class MicroBatcher:
         self.ready.set()
 
     def _prepare_package(self) -> None:
-        """Start the child that finds the runner's one-image package (``models.aot``) in the cache, or builds it.
+        """Start the child that finds the runner's one-row packages (``models.aot``) in the cache, or builds them.
 
-        The server does not wait for it: a build takes 7-13 s a model, and even a cached
-        package takes the child a few seconds (torch's import, the export). Until the package
-        comes, a lone step runs the encoder eagerly and the recurrence through the compiled
-        graph for one row.
+        The server does not wait for it: a build takes 7-13 s a package, and even cached
+        packages take the child a few seconds (torch's import, the exports). Until they come,
+        one row runs eagerly.
         """
         try:
             self._builder = aot.start_build(self.model)
@@ -319,34 +319,35 @@ class MicroBatcher:
         ).start()
 
     def _await_build(self, process: subprocess.Popen) -> None:
-        """Wait for the child, then hand its package to the model thread (through the job queue)."""
+        """Wait for the child, then hand its packages to the model thread (through the job queue)."""
         started = time.perf_counter()
         output, errors = process.communicate()
         try:
             if process.returncode != 0:
                 raise RuntimeError(f"the package build exited with {process.returncode}: {errors[-400:]}")
-            path, built = aot.build_result(output)
+            found = aot.build_result(output)
         except (RuntimeError, ValueError) as exc:
             if not self._closed:
                 self._no_package(exc)
             return
-        self._queue.put(_Package(path, time.perf_counter() - started, built))
+        paths = {part: path for part, (path, _) in found.items()}
+        self._queue.put(_Packages(paths, time.perf_counter() - started, any(b for _, b in found.values())))
 
-    def _adopt(self, package: _Package) -> None:
-        """On the model thread: load and check the package, and serve lone steps through it from the next call."""
+    def _adopt(self, packages: _Packages) -> None:
+        """On the model thread: load and check the packages, and serve one-row calls through them from the next call."""
         assert isinstance(self.runner, CompiledRunner)
         try:
-            self.runner.use_package(package.path)
+            self.runner.use_packages(packages.paths)
         except Exception as exc:  # a package that does not load, or differs from eager
             self._no_package(exc)
             return
         self.package_ready.set()
-        fields = {"model": self.name, "built": package.built, "seconds": round(package.seconds, 1)}
-        log.info("one-image package loaded", extra={"fields": fields})
+        fields = {"model": self.name, "built": packages.built, "seconds": round(packages.seconds, 1)}
+        log.info("one-row packages loaded", extra={"fields": fields})
 
     def _no_package(self, exc: Exception) -> None:
         log.warning(
-            "the one-image package is not used; a lone step runs the compiled graph",
+            "the one-row packages are not used; one row runs eagerly",
             extra={"fields": {"model": self.name, "error": _describe(exc)}},
         )
 
@@ -387,7 +388,7 @@ class MicroBatcher:
                     incoming = NTMState.unpack(rows.to(device, non_blocking=True), layout)
                     states = incoming if states is None else NTMState.stack([states, incoming])
                 if len(active) == len(joined) == 1 and len(active[0].images) == 1:
-                    # A lone one-image job: the whole step in one runner call (the one-image package).
+                    # A lone one-image job: the whole step in one runner call (the whole step's package).
                     lone = active[0]
                     logits, new_states = self.runner.step(states, *self._model_inputs(lone.images, lone.label_slots))
                 else:

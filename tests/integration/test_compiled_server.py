@@ -1,4 +1,4 @@
-"""A server that compiles its model step (NTM_COMPILE=1): not ready until warm, then the eager answers, then its package."""
+"""A server that compiles its model step (NTM_COMPILE=1): not ready until warm, then the eager answers, then its packages."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def episode(server: ServerProcess, images: list[list[list[int]]]) -> list[list[f
     return [answer.json()["probabilities"] for answer in answers]
 
 
-def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_before_and_after_its_package(
+def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_before_and_after_its_packages(
     tiny_checkpoint: Path, tmp_path: Path
 ):
     common = {"NTM_MODELS": str(tiny_checkpoint), "NTM_MAX_BATCH": "4"}
@@ -54,9 +54,9 @@ def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_bef
         images = [random_pixels(seed) for seed in range(8)]
         want = episode(eager, images)
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
-        # Once ready it builds the one-image package in the background; lone steps then run through it.
+        # Once ready it builds the one-row packages in the background; lone steps then run through them.
         compiled.wait_packages(timeout=180)
-        assert '"message": "one-image package loaded"' in compiled.log()
+        assert '"message": "one-row packages loaded"' in compiled.log()
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
     finally:
         compiled.stop()

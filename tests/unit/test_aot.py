@@ -1,4 +1,4 @@
-"""The one-image AOTInductor package (``models.aot``): the eager step's answers, its cache, its key and its check."""
+"""The one-row AOTInductor packages (``models.aot``): the eager step's answers, their cache, key and check."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from models import aot
 from models.inference import CompiledRunner, EagerRunner
 from service.batching import MicroBatcher
-from tests.unit.test_inference import CONFIGS, TOLERANCE, model_of
+from tests.unit.test_inference import CONFIGS, TOLERANCE, model_of, steps
 
 
 def lone_steps(runner: EagerRunner, count: int, seed: int) -> list[torch.Tensor]:
@@ -30,35 +30,41 @@ def lone_steps(runner: EagerRunner, count: int, seed: int) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_a_package_gives_the_eager_step_and_a_second_start_loads_it_instead_of_building_it(kind, tmp_path: Path):
+def test_packages_give_the_eager_step_and_a_second_start_loads_them_instead_of_building_them(kind, tmp_path: Path):
     model = model_of(kind)
     runner = CompiledRunner(model, 4)
-    assert runner.load_package(tmp_path) is True and runner.package is not None
+    assert runner.load_packages(tmp_path) is True and sorted(runner.packages) == sorted(aot.PARTS)
     packages = sorted(tmp_path.glob("*.pt2"))
-    assert len(packages) == 1  # and no partial file left behind
-    for want, have in zip(lone_steps(EagerRunner(model), 8, seed=1), lone_steps(runner, 8, seed=1), strict=True):
+    assert len(packages) == len(aot.PARTS)  # and no partial file left behind
+    eager = EagerRunner(model)
+    for want, have in zip(lone_steps(eager, 8, seed=1), lone_steps(runner, 8, seed=1), strict=True):
         assert have.shape == want.shape
         torch.testing.assert_close(have, want, rtol=0, atol=TOLERANCE)
+    # One row of the recurrence alone (a session's batch form) goes through the other package.
+    for want, have in zip(steps(eager, model, 1, 8, seed=2), steps(runner, model, 1, 8, seed=2), strict=True):
+        torch.testing.assert_close(have, want, rtol=0, atol=TOLERANCE)
     again = CompiledRunner(model, 4)
-    assert again.load_package(tmp_path) is False
+    assert again.load_packages(tmp_path) is False
     assert sorted(tmp_path.glob("*.pt2")) == packages
     # A package for other weights is refused by the check that guards every load.
-    with pytest.raises(ValueError, match="differs from eager"):
-        aot.check(again.package, model_of(kind, seed=1))
+    for part, package in again.packages.items():
+        with pytest.raises(ValueError, match=f"the {part} package differs from eager"):
+            aot.check(part, package, model_of(kind, seed=1))
 
 
-def test_the_key_changes_with_the_weights_and_the_architecture_and_only_with_them():
-    def key(model) -> str:
-        return aot.package_key(torch.export.export(aot.WholeStep(model), aot.example_inputs(model)), model)
+def test_the_key_changes_with_the_weights_the_architecture_and_the_part_and_only_with_them():
+    def key(model, part: str = "step") -> str:
+        return aot.package_key(aot.export_part(model, part), model)
 
     first = key(model_of("ntm"))
     assert key(model_of("ntm")) == first
     assert key(model_of("ntm", seed=1)) != first
     assert key(model_of("prototype")) != first
+    assert key(model_of("ntm"), "recurrent") != first
 
 
 @pytest.mark.anyio
-async def test_when_the_package_cannot_be_built_the_batcher_logs_one_line_and_serves_lone_steps_from_its_graphs(
+async def test_when_the_packages_cannot_be_built_the_batcher_logs_one_line_and_serves_one_row_eagerly(
     monkeypatch, caplog, tmp_path: Path
 ):
     model = model_of("ntm")
@@ -76,9 +82,7 @@ async def test_when_the_package_cannot_be_built_the_batcher_logs_one_line_and_se
                     break
                 await asyncio.sleep(0.05)
             warnings = [r for r in caplog.records if "package" in r.getMessage()]
-            assert [r.getMessage() for r in warnings] == [
-                "the one-image package is not used; a lone step runs the compiled graph"
-            ]
+            assert [r.getMessage() for r in warnings] == ["the one-row packages are not used; one row runs eagerly"]
             assert "exited with 1" in warnings[0].fields["error"]
             assert not compiled.package_ready.is_set() and compiled.runner.kind == "compiled"
             assert not any((tmp_path / aot.FOLDER_NAME).glob("partial-*"))
