@@ -8,7 +8,7 @@ ways, one after the other: eager (NTM_COMPILE=0); compiling with an empty induct
 again with that cache filled (what a restart, or an image whose build ran the warm-up, sees).
 Each time is from the process's launch to the first 200 of /readyz, so it counts the imports,
 loading the weights and the warm-up of both models. A compiling server then loads, or builds
-in the background, each model's one-image package (``models.aot``); the seconds until
+in the background, each model's one-row packages (``models.aot``); the seconds until
 ``/metrics`` says both are loaded are reported beside.
 """
 
@@ -28,7 +28,7 @@ TARGET_SECONDS = 30.0
 
 def start_seconds(env: dict[str, str]) -> tuple[float, float | None]:
     """Launch a server with ``env``: seconds until /readyz answers 200 and, when it compiles, until
-    its one-image packages are loaded (``models.aot``). It is stopped afterwards."""
+    its one-row packages are loaded (``models.aot``). It is stopped afterwards."""
     started = time.monotonic()
     server = ServerProcess(env)
     try:

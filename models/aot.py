@@ -1,4 +1,4 @@
-"""The whole step of one session on one image, compiled ahead of time by AOTInductor.
+"""One session's step on one image, compiled ahead of time by AOTInductor.
 
 A lone client's step is the encoder and the input projection over one image
 (``NTM.precompute_inputs``), then the recurrent step over one row (``NTM.recurrent_step``).
@@ -7,12 +7,14 @@ AOT-autograd wrappers) on top of the kernels, and the encoder runs eagerly. AOTI
 (``torch.export``, then ``torch._inductor.aoti_compile_and_package``) compiles both parts into
 one package, a shared library whose call is a single C++ entry point. Measured side by side in
 one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-served.json``),
-us a step at batch 1: fast model eager 530, encoder eager then the compiled graph 441, this
-package 220; default model 1,046, 780 and 418. Its outputs matched eager's to 5.7e-6 (fast)
-and 9.5e-7 (default).
+us a step at batch 1: fast model eager 496, encoder eager then a compiled graph for one row
+378, this package 219; default model 1,039, 718 and 515 (at an hour when this machine ran 2.5
+times slower than at its fastest). Its outputs matched eager's to 3.3e-6 (fast) and 9.5e-7
+(default). A second package, of the recurrent step alone for one row, serves a session's batch
+form (several images in one request, a row at a time).
 
-A package takes 7-13 s to build, so a server finds or builds it in a child process once its
-graphs are warm (``start_build``, ``service.batching``), and keeps it in inductor's cache
+A package takes 7-13 s to build, so a server finds or builds them in a child process once its
+graphs are warm (``start_build``, ``service.batching``), and keeps them in inductor's cache
 folder (``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name
 is a digest of everything the package bakes in: the exported graph (so a change to the model's
 code is a new package), the weights (frozen into the library as constants), how it was

@@ -45,11 +45,11 @@ image (a lone session's step: the encoder, then the recurrence) is one call of t
 step's package, and ``recurrent_step`` on one row (a session's batch form) one call of the
 recurrent step's. A package's call skips dynamo's guards and wrappers and Python's
 per-operator work in the encoder: the whole step took half the time of the encoder eager then
-a graph for one row (fast model: 220 against 441 us, default 418 against 780,
+a graph for one row (fast model: 219 against 378 us, default 515 against 718,
 ``bench/results/aoti-batch1-2026-12-06-served.json``, an hour when this machine ran about 2.5
 times slower than the figures above). A server builds them in the background once ready, so
-its start compiles two graphs a model, not three (35-37 against 42-44 s for both shipped
-models with an empty cache, measured in alternation).
+its start compiles two graphs a model, not three (both shipped models, an empty cache: 28.8
+against 43.4 s, ``bench/results/startup-2026-12-06-{package,before-package}.json``).
 
 On CUDA the graphs are captured as CUDA graphs (``mode="reduce-overhead"``), so a call is one
 replay instead of hundreds of kernel launches. A CUDA graph is recorded per shape, so there a

@@ -42,7 +42,7 @@ class Metrics:
         )
         self.package_loaded = Gauge(
             "ntm_model_package_loaded",
-            "1 once the model's one-image AOTInductor package serves lone steps (NTM_COMPILE_PACKAGE)",
+            "1 once the model's one-row AOTInductor packages serve calls of one session (NTM_COMPILE_PACKAGE)",
             ["model"],
             registry=self.registry,
         )

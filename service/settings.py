@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     compile_package: bool = Field(
         True,
         description="with compile, on the CPU: load, or build in the background once ready, an AOTInductor "
-        "package of a whole one-image step (models.aot), kept in inductor's cache folder; 0: none",
+        "packages of the step for one session (models.aot), kept in inductor's cache folder; 0: none, one row eager",
     )
 
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle time before a session expires")
