@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     compile_package: bool = Field(
         True,
-        description="with compile, on the CPU: load, or build in the background once ready, an AOTInductor "
+        description="with compile, on the CPU: load, or build in the background once ready, AOTInductor "
         "packages of the step for one session (models.aot), kept in inductor's cache folder; 0: none, one row eager",
     )
 
