@@ -14,12 +14,12 @@ times slower than at its fastest). Its outputs matched eager's to 3.3e-6 (fast) 
 form (several images in one request, a row at a time).
 
 A package takes 7-13 s to build, so a server finds or builds them in a child process once its
-graphs are warm (``start_build``, ``service.batching``), and keeps them in inductor's cache
+graphs are warm (``PackageBuild``, ``service.batching``), and keeps them in inductor's cache
 folder (``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name
 is a digest of everything the package bakes in: the exported graph (so a change to the model's
 code is a new package), the weights (frozen into the library as constants), how it was
-exported and compiled (``RECIPE``), torch's version and the SIMD instruction set inductor
-compiles for. A package is written under a temporary name and renamed into place, so replicas
+exported and compiled (``RECIPE``), torch's version and the CPU it was compiled on (its
+model and instruction-set flags, ``cpu_signature``). A package is written under a temporary name and renamed into place, so replicas
 sharing a cache volume never load half a file, and before use its answer to one step is
 checked against eager's (``check``).
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -117,8 +118,25 @@ def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{torch.__version__}|{pick_vec_isa()}".encode())
+    digest.update(f"{torch.__version__}|{pick_vec_isa()}|{cpu_signature()}".encode())
     return digest.hexdigest()[:32]
+
+
+def cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (``/proc/cpuinfo``; else ``platform``'s names).
+
+    Inductor compiles for the host's CPU (``-march=native`` on x86), so a package may use
+    instructions (AMX, AVX512-FP16, ...) another CPU of the same SIMD width lacks, and running
+    it there would kill the process with SIGILL. With this in its key, a replica on another
+    CPU model builds its own package even when it shares the cache folder.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    wanted = ("model name", "flags", "Features", "CPU part")
+    fields = sorted({line.strip() for line in info if line.split(":")[0].strip() in wanted})
+    return "|".join(fields) or f"{platform.machine()}|{platform.processor()}"
 
 
 def export_part(model: NTM, part: str) -> torch.export.ExportedProgram:
@@ -128,7 +146,7 @@ def export_part(model: NTM, part: str) -> torch.export.ExportedProgram:
     ``torch.inference_mode`` and ``torch.no_grad``: a package exported inside either ran at
     half the speed (fast model, us a step: 154 against 82 under inference mode, 264 against
     143 under no_grad). Tracing changes state that every thread of a process shares, so a
-    server exports only in a child process (see ``start_build``).
+    server exports only in a child process (see ``PackageBuild``).
     """
     with torch.inference_mode(False):
         module = PARTS[part](copy.deepcopy(model).requires_grad_(False)).eval()
@@ -152,8 +170,8 @@ def build(exported: torch.export.ExportedProgram, path: Path) -> None:
         Path(partial).unlink(missing_ok=True)
 
 
-def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
-    """Find or build ``model``'s packages in ``folder`` (default ``cache_folder()``) in a child process.
+class PackageBuild:
+    """``model``'s packages, found in or built into ``folder`` (default ``cache_folder()``) by a child process.
 
     A child (``python -m models.aot``) at the lowest CPU priority, not a thread: exporting and
     compiling trace the model, and tracing changes state that every thread of a process
@@ -161,28 +179,49 @@ def start_build(model: NTM, folder: Path | None = None) -> subprocess.Popen:
     thread fail in ``torch.fx.traceback`` (``KeyError: 'custom'``), and made another model's
     ``torch.compile`` trace into the export's proxy code and fail. The compiler processes the
     child starts inherit its niceness, so a build takes only CPU that serving leaves. The model
-    goes to the child as a checkpoint in a temporary folder, which the child removes. Its
-    standard output ends with a line per part: ``PART built PATH`` or ``PART cached PATH``.
+    goes to the child as a checkpoint in a temporary folder, removed by ``wait`` however the
+    child ended. The child's standard output ends with a line per part: ``PART built PATH`` or
+    ``PART cached PATH``.
     """
-    checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
-    return subprocess.Popen(
-        [sys.executable, "-m", "models.aot", str(checkpoint), str(folder or cache_folder())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
+    def __init__(self, model: NTM, folder: Path | None = None) -> None:
+        self.checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "models.aot", str(self.checkpoint), str(folder or cache_folder())],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except BaseException:
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
+            raise
 
-def build_result(stdout: str) -> dict[str, tuple[Path, bool]]:
-    """Each part's package path in a finished ``start_build`` child's output, and whether the child built it."""
-    found = {}
-    for line in stdout.strip().splitlines()[-len(PARTS) :]:
-        part, word, path = (line.split(" ", 2) + ["", ""])[:3]
-        if part in PARTS and word in ("built", "cached") and path:
-            found[part] = (Path(path), word == "built")
-    if sorted(found) != sorted(PARTS):
-        raise ValueError(f"unexpected output of the package build: {stdout[-300:]!r}")
-    return found
+    def wait(self) -> dict[str, tuple[Path, bool]]:
+        """Block until the child ends: each part's package path, and whether the child built it.
+
+        Raises RuntimeError when the child failed or was stopped, ValueError on output it
+        should not have given.
+        """
+        try:
+            output, errors = self.process.communicate()
+        finally:
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
+        if self.process.returncode != 0:
+            raise RuntimeError(f"the package build exited with {self.process.returncode}: {errors[-400:]}")
+        found = {}
+        for line in output.strip().splitlines()[-len(PARTS) :]:
+            part, word, path = (line.split(" ", 2) + ["", ""])[:3]
+            if part in PARTS and word in ("built", "cached") and path:
+                found[part] = (Path(path), word == "built")
+        if sorted(found) != sorted(PARTS):
+            raise ValueError(f"unexpected output of the package build: {output[-300:]!r}")
+        return found
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs (it removes its partial package on SIGTERM); ``wait`` then raises."""
+        if self.process.poll() is None:
+            self.process.terminate()
 
 
 def find_or_build(model: NTM, folder: Path | None = None) -> dict[str, tuple[Path, bool]]:
@@ -228,8 +267,8 @@ def check(part: str, package: Package, model: NTM) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m models.aot CHECKPOINT FOLDER``: the checkpoint's packages, found in or built into FOLDER.
 
-    Prints a line per part (``PART built PATH`` or ``PART cached PATH``), and removes CHECKPOINT
-    (a temporary copy, see ``start_build``) however it ends, a SIGTERM from a closing server included.
+    Prints a line per part (``PART built PATH`` or ``PART cached PATH``). On SIGTERM (a closing
+    server, ``PackageBuild.cancel``) it exits through ``build``'s cleanup of its partial file.
     """
     checkpoint, folder = argv if argv is not None else sys.argv[1:]
     os.nice(19)
@@ -237,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.inference import skip_isa_test_builds
 
     skip_isa_test_builds()
-    try:
-        found = find_or_build(load_checkpoint(checkpoint).eval(), Path(folder))
-    finally:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    found = find_or_build(load_checkpoint(checkpoint).eval(), Path(folder))
     for part, (path, built) in found.items():
         print(part, "built" if built else "cached", path)
     return 0

@@ -173,7 +173,7 @@ class CompiledRunner(EagerRunner):
         """Load, or build here, the one-row packages (``models.aot``); True when one was built.
 
         From then on one-row calls run through them. A build traces the model, so a server
-        builds in a child process instead (``aot.start_build``) and then calls ``use_packages``.
+        builds in a child process instead (``aot.PackageBuild``) and then calls ``use_packages``.
         """
         if self.cuda:
             raise ValueError("the one-row packages are for the CPU; CUDA replays CUDA graphs")

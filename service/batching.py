@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -158,7 +157,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait, self.nice = max_batch, max_wait, nice
         self._observe = observe  # (batch rows, longest queue wait, compute seconds)
         self._queue: queue.SimpleQueue[_Job | _Packages | None] = queue.SimpleQueue()
-        self._builder: subprocess.Popen | None = None  # the child building the one-row packages, if any
+        self._builder: aot.PackageBuild | None = None  # the child finding or building the one-row packages
         self._carry: NTMState | None = None  # the states of the jobs under way (see _compute)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -224,8 +223,8 @@ class MicroBatcher:
         Blocks until then (at most 30 s): call it off the event loop."""
         if not self._closed:
             self._closed = True
-            if self._builder is not None and self._builder.poll() is None:
-                self._builder.terminate()  # the child removes its temporary files on SIGTERM
+            if self._builder is not None:
+                self._builder.cancel()
             self._queue.put(None)
             self._thread.join(timeout=30)
 
@@ -309,23 +308,24 @@ class MicroBatcher:
         packages take the child a few seconds (torch's import, the exports). Until they come,
         one row runs eagerly.
         """
+        if self._closed:
+            return
         try:
-            self._builder = aot.start_build(self.model)
+            self._builder = aot.PackageBuild(self.model)
         except Exception as exc:  # a temporary folder that cannot be written, no interpreter to start
             self._no_package(exc)
             return
+        if self._closed:  # ``close`` ran meanwhile, and may have seen no builder to stop
+            self._builder.cancel()
         threading.Thread(
             target=self._await_build, args=(self._builder,), name=f"package-{self.name}", daemon=True
         ).start()
 
-    def _await_build(self, process: subprocess.Popen) -> None:
+    def _await_build(self, build: aot.PackageBuild) -> None:
         """Wait for the child, then hand its packages to the model thread (through the job queue)."""
         started = time.perf_counter()
-        output, errors = process.communicate()
         try:
-            if process.returncode != 0:
-                raise RuntimeError(f"the package build exited with {process.returncode}: {errors[-400:]}")
-            found = aot.build_result(output)
+            found = build.wait()
         except (RuntimeError, ValueError) as exc:
             if not self._closed:
                 self._no_package(exc)

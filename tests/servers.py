@@ -109,11 +109,14 @@ class ServerProcess:
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             text = httpx.get(self.url + "/metrics", timeout=5.0).text
             gauges = [line for line in text.splitlines() if line.startswith("ntm_model_package_loaded{")]
             if all(line.endswith(" 1.0") for line in gauges):
                 return self
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"packages not loaded within {timeout:g} s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

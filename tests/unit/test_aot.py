@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 from models import aot
 from models.inference import CompiledRunner, EagerRunner
@@ -69,7 +70,8 @@ async def test_when_the_packages_cannot_be_built_the_batcher_logs_one_line_and_s
 ):
     model = model_of("ntm")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # read by the child's inductor; this process's is set
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # the child's inductor reads it, and fails
+    assert inductor_config.cpp.cxx[1] != str(tmp_path / "no-such-compiler")  # read on import: ours stays
     with caplog.at_level(logging.WARNING, logger="ntm"):
         compiled, eager = MicroBatcher(model, 4, compile=True, package=True), MicroBatcher(model, 4)
         try:
@@ -78,7 +80,7 @@ async def test_when_the_packages_cannot_be_built_the_batcher_logs_one_line_and_s
             (got, _), (want, _) = await asyncio.gather(compiled.step(initial, image, 0), eager.step(initial, image, 0))
             np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
             for _ in range(1200):  # the child's failure is logged by the thread that waits for it
-                if any("package is not used" in r.getMessage() for r in caplog.records):
+                if any("packages are not used" in r.getMessage() for r in caplog.records):
                     break
                 await asyncio.sleep(0.05)
             warnings = [r for r in caplog.records if "package" in r.getMessage()]
