@@ -105,20 +105,19 @@ def cache_folder() -> Path:
 
 
 def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
-    """A digest of what a package of ``exported`` bakes in: graph, weights, recipe, torch's version, SIMD ISA.
+    """A digest of what a package of ``exported`` bakes in: graph, weights, recipe, torch's version, the CPU.
 
     The graph alone is not enough: exported under ``torch.no_grad`` the same graph code
-    compiled to a package twice as slow, so ``RECIPE`` names how packages are made.
+    compiled to a package twice as slow, so ``RECIPE`` names how packages are made. The CPU's
+    flags also decide the SIMD instruction set inductor picks.
     """
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
     digest = hashlib.sha256(RECIPE.encode())
     digest.update(exported.graph_module.code.encode())
     digest.update(str(exported.graph_signature).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{torch.__version__}|{pick_vec_isa()}|{cpu_signature()}".encode())
+    digest.update(f"{torch.__version__}|{cpu_signature()}".encode())
     return digest.hexdigest()[:32]
 
 
