@@ -168,6 +168,8 @@ class CompiledRunner(EagerRunner):
             None if self.cuda else torch.compile(self._recurrent_full, dynamic=False, fullgraph=True, options=options)
         )
         self.packages: dict[str, aot.Package] = {}  # by ``aot.PARTS`` name, once ``load_packages`` has them
+        # Told once, with the error, when a package raises in service and the runner drops them all.
+        self.on_package_failure: Callable[[Exception], None] | None = None
 
     def load_packages(self, folder: Path | None = None) -> bool:
         """Load, or build here, the one-row packages (``models.aot``); True when one was built.
@@ -187,14 +189,27 @@ class CompiledRunner(EagerRunner):
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
         """As ``EagerRunner.step``; a one-image call as one call of the whole step's package, once loaded."""
         package = self.packages.get("step")
-        if package is None or images.shape[0] != 1:
-            return super().step(state, images, label_inputs)
-        return self._call(package, images, label_inputs, *state.tensors())
+        if package is not None and images.shape[0] == 1:
+            answer = self._call(package, images, label_inputs, *state.tensors())
+            if answer is not None:
+                return answer
+        return super().step(state, images, label_inputs)
 
-    @staticmethod
-    def _call(package: aot.Package, *inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
-        """A package's call on one row (contiguous inputs, as it was built for): (logits, new state)."""
-        logits, *tensors = package(*(pad_rows(t, 1) for t in inputs))
+    def _call(self, package: aot.Package, *inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState] | None:
+        """A package's call on one row (contiguous inputs, as it was built for): (logits, new state).
+
+        A package that raises (it passed ``aot.check`` when loaded, so this is a fault of the
+        library or the machine) costs no request: the runner drops every package, says so once
+        through ``on_package_failure``, and returns None, so that the caller runs the row
+        eagerly. A package only reads its inputs, so the eager call starts from the same state.
+        """
+        try:
+            logits, *tensors = package(*(pad_rows(t, 1) for t in inputs))
+        except Exception as exc:
+            self.packages = {}
+            if self.on_package_failure is not None:
+                self.on_package_failure(exc)
+            return None
         return logits, NTMState(*tensors)
 
     def _recurrent_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -217,7 +232,9 @@ class CompiledRunner(EagerRunner):
         if self.cuda:
             return self._replay(pre, state)
         if rows == 1 and "recurrent" in self.packages:
-            return self._call(self.packages["recurrent"], pre, *state.tensors())
+            answer = self._call(self.packages["recurrent"], pre, *state.tensors())
+            if answer is not None:
+                return answer
         graph = self._graph(rows)
         if graph is None:
             return self.model.recurrent_step(pre, state)

@@ -341,9 +341,15 @@ class MicroBatcher:
         except Exception as exc:  # a package that does not load, or differs from eager
             self._no_package(exc)
             return
+        self.runner.on_package_failure = self._package_failed
         self.package_ready.set()
         fields = {"model": self.name, "built": packages.built, "seconds": round(packages.seconds, 1)}
         log.info("one-row packages loaded", extra={"fields": fields})
+
+    def _package_failed(self, exc: Exception) -> None:
+        """On the model thread: a loaded package raised; the runner has dropped them, and the call ran eagerly."""
+        self.package_ready.clear()
+        self._no_package(exc)
 
     def _no_package(self, exc: Exception) -> None:
         log.warning(

@@ -30,10 +30,19 @@ def lone_steps(runner: EagerRunner, count: int, seed: int) -> list[torch.Tensor]
     return outputs + [t.clone() for t in state.tensors()]
 
 
+@pytest.fixture(scope="module")
+def package_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for this module's packages: a test after the first loads them instead of building them."""
+    return tmp_path_factory.mktemp("ntm-aot")
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_packages_give_the_eager_step_and_a_second_start_loads_them_instead_of_building_them(kind, tmp_path: Path):
+def test_packages_give_the_eager_step_and_a_second_start_loads_them_instead_of_building_them(
+    kind, package_folder: Path
+):
     model = model_of(kind)
     runner = CompiledRunner(model, 4)
+    tmp_path = package_folder / kind
     assert runner.load_packages(tmp_path) is True and sorted(runner.packages) == sorted(aot.PARTS)
     packages = sorted(tmp_path.glob("*.pt2"))
     assert len(packages) == len(aot.PARTS)  # and no partial file left behind
@@ -51,6 +60,38 @@ def test_packages_give_the_eager_step_and_a_second_start_loads_them_instead_of_b
     for part, package in again.packages.items():
         with pytest.raises(ValueError, match=f"the {part} package differs from eager"):
             aot.check(part, package, model_of(kind, seed=1))
+
+
+class RaisingPackage:
+    """A loaded package that raises from its next call on: a fault after ``aot.check`` passed."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        self.calls += 1
+        raise RuntimeError("the package's library failed")
+
+
+@pytest.mark.parametrize("part", sorted(aot.PARTS))
+def test_a_package_that_raises_in_service_costs_no_call_the_runner_drops_them_and_says_so_once(
+    part, package_folder: Path
+):
+    model = model_of("ntm")
+    runner = CompiledRunner(model, 4)
+    runner.load_packages(package_folder / "ntm")
+    failures: list[Exception] = []
+    runner.on_package_failure = failures.append
+    raising = runner.packages[part] = RaisingPackage()
+    eager = EagerRunner(model)
+    if part == "step":
+        want, have = lone_steps(eager, 3, seed=3), lone_steps(runner, 3, seed=3)
+    else:
+        want, have = steps(eager, model, 1, 3, seed=3), steps(runner, model, 1, 3, seed=3)
+    for expected, got in zip(want, have, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE)
+    assert raising.calls == 1 and runner.packages == {}
+    assert [str(exc) for exc in failures] == ["the package's library failed"]
 
 
 def test_the_key_changes_with_the_weights_the_architecture_and_the_part_and_only_with_them():
