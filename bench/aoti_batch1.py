@@ -12,6 +12,9 @@ model this times, interleaved, us a step:
 - compiled graph: ``precompute_inputs`` eager, then a ``CompiledRunner`` graph for one row (what
   a server ran before its packages);
 - served: ``CompiledRunner.step`` with its packages loaded (one package of the whole step);
+- inductor's defaults: the whole step's package compiled with inductor's default options
+  (freezing only) for the caller's threads, where a served package is autotuned and
+  compiled for one thread (``aot.INDUCTOR_CONFIGS``, ``aot.BUILD_THREADS``);
 - AOTI parts: a package of ``precompute_inputs`` for one image, then the runner's package of the
   recurrent step (what a session's batch form runs a row at a time);
 
@@ -40,7 +43,8 @@ from models.ntm import NTM
 from models.state import NTMState
 
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "compiled graph", "served", "AOTI parts")
+WAYS = ("eager", "compiled graph", "served", "inductor's defaults", "AOTI parts")
+DEFAULT_CONFIGS = {"freezing": True}  # the served recipe without autotuning
 
 
 class Precompute(nn.Module):
@@ -50,15 +54,22 @@ class Precompute(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model.precompute_inputs(images, labels)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model.precompute_inputs(images, labels),)
 
 
-def package(module: nn.Module, args: tuple[torch.Tensor, ...], folder: Path) -> tuple[Callable, float]:
-    """An AOTInductor package of ``module`` for ``args``' shapes, loaded; and the seconds compiling it took."""
-    started, path = time.perf_counter(), folder / f"{type(module).__name__}.pt2"
-    aot.build(torch.export.export(module.eval(), args), path)
-    return torch._inductor.aoti_load_package(str(path)), time.perf_counter() - started
+def package(
+    module: nn.Module, args: tuple[torch.Tensor, ...], folder: Path, **recipe: object
+) -> tuple[Callable, float]:
+    """An AOTInductor package of ``module`` for ``args``' shapes, loaded; and the seconds compiling it took.
+
+    ``recipe``: ``aot.build``'s ``configs`` and ``threads``, when not the served ones.
+    """
+    started, path = time.perf_counter(), folder / f"{type(module).__name__}-{len(recipe)}.pt2"
+    with torch.inference_mode(False):  # exported as ``aot.export_part`` does: outside inference mode
+        exported = torch.export.export(module.eval(), args)
+    aot.build(exported, path, **recipe)  # type: ignore[arg-type]
+    return aot.entry_point(path), time.perf_counter() - started
 
 
 def measure(path: str, repeats: int, min_time: float) -> dict:
@@ -71,6 +82,10 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
     graph = runner._step  # what a runner compiled for one row before it had packages
     with tempfile.TemporaryDirectory(prefix="ntm-aoti-") as folder:
         precompute, pre_seconds = package(Precompute(model), (images, labels), Path(folder))
+        defaults, defaults_seconds = package(
+            aot.WholeStep(model), (images, labels, *state), Path(folder),
+            configs=DEFAULT_CONFIGS, threads=torch.get_num_threads(),
+        )  # fmt: skip
         started = time.perf_counter()
         runner.load_packages(Path(folder))
         packages_seconds = time.perf_counter() - started
@@ -82,7 +97,8 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
                 "eager": lambda: eager(images, labels, *state),
                 "compiled graph": lambda: graph(model.precompute_inputs(images, labels), *state),
                 "served": lambda: runner.step(NTMState(*state), images, labels),
-                "AOTI parts": lambda: runner.recurrent_step(precompute(images, labels), NTMState(*state)),
+                "inductor's defaults": lambda: defaults(images, labels, *state),
+                "AOTI parts": lambda: runner.recurrent_step(precompute(images, labels)[0], NTMState(*state)),
             }
             expected = steps["eager"]()
             logits, new_state = steps["served"]()
@@ -102,7 +118,11 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
                                       repeats, min_time)  # fmt: skip
     return {
         "us_per_step": {name: 1e6 / median(values) for name, values in rates.items()},
-        "compile_seconds": {"precompute": pre_seconds, "whole step and recurrent step": packages_seconds},
+        "compile_seconds": {
+            "precompute": pre_seconds,
+            "whole step and recurrent step": packages_seconds,
+            "whole step, inductor's defaults": defaults_seconds,
+        },
         "max_difference_served": difference,
     }
 

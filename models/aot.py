@@ -35,7 +35,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,10 +48,14 @@ from models.state import NTMState
 
 FOLDER_NAME = "ntm-aot"
 # How a package is exported and compiled (see ``export_part``): part of its key, so a change to it is a new package.
-RECIPE = "whole-step 2: grad mode on, weights frozen, freezing"
+RECIPE = "whole-step 3: grad mode on, weights frozen, freezing, max-autotune CPP GEMMs, one thread"
+# Inductor's options for a package (see ``build``): weights frozen into constants, and each matrix
+# product timed at build time as inductor's own C++ micro-kernel against ATen's (oneDNN/MKL) call.
+INDUCTOR_CONFIGS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+BUILD_THREADS = 1  # a package serves one row: compiled for one thread, it has no OpenMP regions to enter
 CHECK_TOLERANCE = 1e-4  # a package further than this from eager on its check step is not used
 
-Package = Callable[..., tuple[torch.Tensor, ...]]
+Package = Callable[..., Sequence[torch.Tensor]]  # flat input tensors -> flat output tensors
 
 
 class WholeStep(nn.Module):
@@ -157,15 +162,41 @@ def package_path(exported: torch.export.ExportedProgram, model: NTM, folder: Pat
     return (folder or cache_folder()) / f"{package_key(exported, model)}.pt2"
 
 
-def build(exported: torch.export.ExportedProgram, path: Path) -> None:
-    """Compile ``exported`` into a package at ``path``: written under a temporary name, then renamed into place."""
+def build(
+    exported: torch.export.ExportedProgram,
+    path: Path,
+    configs: dict[str, object] = INDUCTOR_CONFIGS,
+    threads: int = BUILD_THREADS,
+) -> None:
+    """Compile ``exported`` into a package at ``path``: written under a temporary name, then renamed into place.
+
+    ``configs`` and ``threads``: inductor's options and the thread count it compiles for (a
+    benchmark compares other recipes; a served package's key assumes these defaults).
+
+    One row is a matrix-vector product per layer, where a library call's fixed cost is most of
+    the time: with ``max_autotune`` inductor times its own C++ micro-kernel (``CppMicroGemm``)
+    against ATen's call for each product and bakes in the faster one (2 us against 13 for one
+    of the fast model's products), and compiled for one thread the kernels enter no OpenMP
+    region. Fast model, us a step, the four ways interleaved in one process
+    (``bench/results/aoti-recipe-2026-12-06.json``): whole step 134 (the previous recipe,
+    two threads), 129 (one thread), 106 (autotuned), 101 (both); the recurrent step alone 69
+    against 50. The autotuned products sum in another order than MKL's: the packages match
+    eager to 1e-5, relative and absolute (logits of magnitude 15 differ by up to 1.7e-5).
+    A build takes 10-30 s.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix="partial-", suffix=".pt2")
     os.close(handle)
+    callers = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=partial, inductor_configs={"freezing": True})
+        with warnings.catch_warnings():
+            # Inductor's C++ GEMM template reads a weight's storage through the deprecated TypedStorage.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            torch._inductor.aoti_compile_and_package(exported, package_path=partial, inductor_configs=configs)
         os.replace(partial, path)
     finally:
+        torch.set_num_threads(callers)
         Path(partial).unlink(missing_ok=True)
 
 
@@ -236,9 +267,26 @@ def find_or_build(model: NTM, folder: Path | None = None) -> dict[str, tuple[Pat
     return found
 
 
+def entry_point(path: Path) -> Package:
+    """The package at ``path``, loaded, as a function of its flat input tensors to its flat output tensors.
+
+    The loaded model's ``__call__`` parses its input and output tree specs from JSON, flattens
+    the inputs and rebuilds the outputs at every call: 20 us of Python on a fast model step of
+    85 (``bench.aoti_batch1``'s served way, measured against ``__call__``). A part's inputs and
+    outputs are flat tensors already, so a step goes straight to the loader's ``boxed_run``
+    (which takes its argument list over), and through ``__call__`` only where the loader has no
+    such method.
+    """
+    compiled = torch._inductor.aoti_load_package(str(path))
+    run = getattr(getattr(compiled, "loader", None), "boxed_run", None)
+    if run is None:
+        return compiled
+    return lambda *inputs: run(list(inputs))
+
+
 def load(paths: dict[str, Path], model: NTM) -> dict[str, Package]:
     """The packages at ``paths`` by part, once each has answered a step as ``model`` does eagerly (``check``)."""
-    packages = {part: torch._inductor.aoti_load_package(str(path)) for part, path in paths.items()}
+    packages = {part: entry_point(path) for part, path in paths.items()}
     for part, package in packages.items():
         check(part, package, model)
     return packages
