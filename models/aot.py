@@ -6,14 +6,14 @@ Through ``torch.compile`` each call pays Python's and dynamo's per-call costs (g
 AOT-autograd wrappers) on top of the kernels, and the encoder runs eagerly. AOTInductor
 (``torch.export``, then ``torch._inductor.aoti_compile_and_package``) compiles both parts into
 one package, a shared library whose call is a single C++ entry point. Measured side by side in
-one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-served.json``),
-us a step at batch 1: fast model eager 496, encoder eager then a compiled graph for one row
-378, this package 219; default model 1,039, 718 and 515 (at an hour when this machine ran 2.5
-times slower than at its fastest). Its outputs matched eager's to 3.3e-6 (fast) and 9.5e-7
+one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-autotune.json``),
+us a step at batch 1: fast model eager 457, encoder eager then a compiled graph for one row
+361, this package 137; default model 843, 654 and 379 (at an hour when this machine ran about
+2.3 times slower than at its fastest). Its outputs matched eager's to 9.5e-6 (fast) and 1.2e-6
 (default). A second package, of the recurrent step alone for one row, serves a session's batch
 form (several images in one request, a row at a time).
 
-A package takes 7-13 s to build, so a server finds or builds them in a child process once its
+A package takes 10-30 s to build, so a server finds or builds them in a child process once its
 graphs are warm (``PackageBuild``, ``service.batching``), and keeps them in inductor's cache
 folder (``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name
 is a digest of everything the package bakes in: the exported graph (so a change to the model's
@@ -177,12 +177,13 @@ def build(
     the time: with ``max_autotune`` inductor times its own C++ micro-kernel (``CppMicroGemm``)
     against ATen's call for each product and bakes in the faster one (2 us against 13 for one
     of the fast model's products), and compiled for one thread the kernels enter no OpenMP
-    region. Fast model, us a step, the four ways interleaved in one process
-    (``bench/results/aoti-recipe-2026-12-06.json``): whole step 134 (the previous recipe,
-    two threads), 129 (one thread), 106 (autotuned), 101 (both); the recurrent step alone 69
-    against 50. The autotuned products sum in another order than MKL's: the packages match
-    eager to 1e-5, relative and absolute (logits of magnitude 15 differ by up to 1.7e-5).
-    A build takes 10-30 s.
+    region. Fast model, us a step, interleaved in one process (``python -m bench.aoti_batch1``,
+    ``bench/results/aoti-batch1-2026-12-06-autotune.json``): 137 against 161 for a package of
+    inductor's defaults (freezing alone, two threads); default model 379 against 389, its
+    Conv-4 convolutions being most of its step. The autotuned products sum in another order
+    than MKL's: on the shipped fast model a package's logits (of magnitude 15) differ from
+    eager's by up to 1.7e-5 after one step, and its probabilities by 1.3e-5 after a 50-step
+    episode (4.5e-6 with inductor's defaults). A build takes 10-30 s.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix="partial-", suffix=".pt2")
@@ -271,8 +272,9 @@ def entry_point(path: Path) -> Package:
     """The package at ``path``, loaded, as a function of its flat input tensors to its flat output tensors.
 
     The loaded model's ``__call__`` parses its input and output tree specs from JSON, flattens
-    the inputs and rebuilds the outputs at every call: 20 us of Python on a fast model step of
-    85 (``bench.aoti_batch1``'s served way, measured against ``__call__``). A part's inputs and
+    the inputs and rebuilds the outputs at every call: 20 us of Python on a fast model step
+    (1,000 calls of its whole-step package, nine times interleaved: medians 105 us through
+    ``__call__`` against 85 through ``boxed_run``). A part's inputs and
     outputs are flat tensors already, so a step goes straight to the loader's ``boxed_run``
     (which takes its argument list over), and through ``__call__`` only where the loader has no
     such method.

@@ -304,7 +304,7 @@ class MicroBatcher:
     def _prepare_package(self) -> None:
         """Start the child that finds the runner's one-row packages (``models.aot``) in the cache, or builds them.
 
-        The server does not wait for it: a build takes 7-13 s a package, and even cached
+        The server does not wait for it: a build takes 10-30 s a package, and even cached
         packages take the child a few seconds (torch's import, the exports). Until they come,
         one row runs eagerly.
         """
