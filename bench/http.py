@@ -11,7 +11,10 @@ to one core and drives it from a load generator pinned to the other core:
   on the one core both share, steps/s is about 1e6 / their sum; a worker whose model thread had
   a core of its own would be bound by the event loop's figure alone;
 - read-only predictions against one taught session: images/s with 64 concurrent clients sending
-  one image each, and sending 64-image requests, next to the step route's steps/s of the same run.
+  one image each, and sending 64-image requests, next to the step route's steps/s of the same run
+  (64 sessions), and next to what the step route does for the same job: 64 clients sending
+  label-less steps to that one session, which the session's lock runs one at a time, each
+  changing what the next one sees.
 
 With a redis:// store it also reports the bytes one session takes in Redis (MEMORY USAGE)
 and Redis' memory for ``--idle-sessions`` idle sessions written through the store.
@@ -107,6 +110,12 @@ def predict_requests(session: str, image: str) -> tuple[bytes, bytes]:
     return http_request("POST", path, one), http_request("POST", path, json.dumps({"images": images}).encode())
 
 
+def one_session_requests(session: str, image: str) -> list[bytes]:
+    """16 label-less step requests to ``session``: classifying against it through the step route."""
+    bodies = [json.dumps(step_payload(200 + i, None, image)).encode() for i in range(16)]
+    return [http_request("POST", f"/v1/sessions/{session}/steps", body) for body in bodies]
+
+
 def open_sessions(url: str, count: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=30) as client:
         return [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(count)]
@@ -148,9 +157,9 @@ def measure_store(
         one_image, many_images = predict_requests(sessions[0], image)  # a session the step phases taught
         predict_one = generate_load(host, port, concurrency, lambda c, n: one_image, seconds, cpus[1])
         predict_many = generate_load(host, port, concurrency, lambda c, n: many_images, seconds, cpus[1])
-        errors = (
-            latency.errors + healthz.errors + steps.errors + batch.errors + predict_one.errors + predict_many.errors
-        )
+        label_less = one_session_requests(sessions[0], image)
+        one_session = generate_load(host, port, concurrency, lambda c, n: label_less[n % 16], seconds, cpus[1])
+        errors = sum(load.errors for load in (latency, healthz, steps, batch, predict_one, predict_many, one_session))
     finally:
         server.stop()
     return {
@@ -174,6 +183,9 @@ def measure_store(
         "predict_64_images_per_s": PREDICT_IMAGES * predict_many.rate,
         "predict_vs_steps": predict_one.rate / steps.rate,
         "predict_64_vs_steps": PREDICT_IMAGES * predict_many.rate / steps.rate,
+        "one_session_steps_per_s": one_session.rate,
+        "predict_vs_one_session_steps": predict_one.rate / one_session.rate,
+        "predict_64_vs_one_session_steps": PREDICT_IMAGES * predict_many.rate / one_session.rate,
         "errors": errors,
     }
 
@@ -334,6 +346,28 @@ def main(argv: list[str] | None = None) -> int:
                 "errors",
             ],
             rows,
+        )
+    )
+    print(f"\nClassifying against one taught session, {args.concurrency} clients:\n")
+    print(
+        markdown_table(
+            [
+                "store",
+                "image",
+                "label-less steps/s on the session",
+                "predict images/s, 1 a request (x those steps)",
+                f"predict images/s, {PREDICT_IMAGES} a request (x those steps)",
+            ],
+            [
+                [
+                    r["store"],
+                    r["image"] + (", compiled" if r["compile"] == "1" else ""),
+                    f"{r['one_session_steps_per_s']:,.0f}",
+                    f"{r['predict_images_per_s']:,.0f} ({r['predict_vs_one_session_steps']:.1f}x)",
+                    f"{r['predict_64_images_per_s']:,.0f} ({r['predict_64_vs_one_session_steps']:.1f}x)",
+                ]
+                for r in results
+            ],
         )
     )
     report: dict = {"targets": TARGETS, "concurrency": args.concurrency, "seconds": args.seconds, "results": results}

@@ -144,9 +144,11 @@ def test_http_bench_runs_a_real_server_and_reports(tmp_path, tiny_checkpoint, re
     for r in report["results"]:  # every step costs some CPU on the event loop and on the model thread
         assert r["batch_event_loop_us_per_step"] > 0 and r["batch_model_threads_us_per_step"] > 0
         assert r["predict_images_per_s"] > 0 and r["predict_64_images_per_s"] > 0
+        assert r["one_session_steps_per_s"] > 0 and r["predict_vs_one_session_steps"] > 0
     assert report["redis_memory"]["sessions"] == 20 and report["redis_memory"]["bytes_per_session"] > 1000
     out = capsys.readouterr().out
     assert "steps vs /healthz" in out and "event loop / model" in out and "predict images/s" in out
+    assert "label-less steps/s on the session" in out
 
 
 def test_http_bench_starts_throwaway_stores_for_auto_and_takes_the_rest_as_given(monkeypatch):
