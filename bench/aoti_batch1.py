@@ -58,14 +58,12 @@ class Precompute(nn.Module):
         return (self.model.precompute_inputs(images, labels),)
 
 
-def package(
-    module: nn.Module, args: tuple[torch.Tensor, ...], folder: Path, **recipe: object
-) -> tuple[Callable, float]:
-    """An AOTInductor package of ``module`` for ``args``' shapes, loaded; and the seconds compiling it took.
+def package(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, **recipe: object) -> tuple[Callable, float]:
+    """An AOTInductor package of ``module`` for ``args``' shapes, built at ``path`` and loaded; and the seconds it took.
 
     ``recipe``: ``aot.build``'s ``configs`` and ``threads``, when not the served ones.
     """
-    started, path = time.perf_counter(), folder / f"{type(module).__name__}-{len(recipe)}.pt2"
+    started = time.perf_counter()
     with torch.inference_mode(False):  # exported as ``aot.export_part`` does: outside inference mode
         exported = torch.export.export(module.eval(), args)
     aot.build(exported, path, **recipe)  # type: ignore[arg-type]
@@ -81,9 +79,9 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
     runner = CompiledRunner(model, 1)  # no graph at one row: its packages serve it
     graph = runner._step  # what a runner compiled for one row before it had packages
     with tempfile.TemporaryDirectory(prefix="ntm-aoti-") as folder:
-        precompute, pre_seconds = package(Precompute(model), (images, labels), Path(folder))
+        precompute, pre_seconds = package(Precompute(model), (images, labels), Path(folder, "precompute.pt2"))
         defaults, defaults_seconds = package(
-            aot.WholeStep(model), (images, labels, *state), Path(folder),
+            aot.WholeStep(model), (images, labels, *state), Path(folder, "defaults.pt2"),
             configs=DEFAULT_CONFIGS, threads=torch.get_num_threads(),
         )  # fmt: skip
         started = time.perf_counter()
