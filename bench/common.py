@@ -105,15 +105,26 @@ def pin_process(pid: int, cpu: int) -> None:
 
 
 def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
-    """Each thread of ``pid``: (CPU seconds, user + system, so far; context switches so far). Linux (/proc)."""
+    """Each thread of ``pid``: (CPU seconds so far; context switches so far). Linux (/proc).
+
+    The CPU time is the scheduler's, in nanoseconds (``schedstat``'s first field), where the
+    kernel keeps it: ``stat``'s user and system times count clock ticks (10 ms), so a thread
+    that ran a few milliseconds in a short phase could read as 0.
+    """
     stats = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/task/{tid}/status") as status:
+            task = f"/proc/{pid}/task/{tid}"
+            try:
+                with open(f"{task}/schedstat") as schedstat:
+                    seconds = int(schedstat.read().split()[0]) / 1e9
+            except (FileNotFoundError, IndexError, ValueError):  # a kernel without schedstat
+                with open(f"{task}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with open(f"{task}/status") as status:
                 switches = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
-            stats[int(tid)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches)
+            stats[int(tid)] = (seconds, switches)
     return stats
 
 
