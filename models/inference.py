@@ -188,21 +188,21 @@ class CompiledRunner(EagerRunner):
 
     def step(self, state: NTMState, images: torch.Tensor, label_inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState]:
         """As ``EagerRunner.step``; a one-image call as one call of the whole step's package, once loaded."""
-        package = self.packages.get("step")
-        if package is not None and images.shape[0] == 1:
-            answer = self._call(package, images, label_inputs, *state.tensors())
-            if answer is not None:
-                return answer
+        if images.shape[0] == 1 and (answer := self._packaged("step", images, label_inputs, *state.tensors())):
+            return answer
         return super().step(state, images, label_inputs)
 
-    def _call(self, package: aot.Package, *inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState] | None:
-        """A package's call on one row (contiguous inputs, as it was built for): (logits, new state).
+    def _packaged(self, part: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, NTMState] | None:
+        """The ``part`` package's call on one row (contiguous inputs, as it was built for): (logits, new state).
 
-        A package that raises (it passed ``aot.check`` when loaded, so this is a fault of the
+        None when that package is not loaded. A package that raises (it passed ``aot.check`` when loaded, so this is a fault of the
         library or the machine) costs no request: the runner drops every package, says so once
         through ``on_package_failure``, and returns None, so that the caller runs the row
         eagerly. A package only reads its inputs, so the eager call starts from the same state.
         """
+        package = self.packages.get(part)
+        if package is None:
+            return None
         try:
             logits, *tensors = package(*(pad_rows(t, 1) for t in inputs))
         except Exception as exc:
@@ -231,10 +231,8 @@ class CompiledRunner(EagerRunner):
         rows = pre.shape[0]
         if self.cuda:
             return self._replay(pre, state)
-        if rows == 1 and "recurrent" in self.packages:
-            answer = self._call(self.packages["recurrent"], pre, *state.tensors())
-            if answer is not None:
-                return answer
+        if rows == 1 and (answer := self._packaged("recurrent", pre, *state.tensors())):
+            return answer
         graph = self._graph(rows)
         if graph is None:
             return self.model.recurrent_step(pre, state)

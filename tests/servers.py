@@ -103,7 +103,7 @@ class ServerProcess:
         raise RuntimeError(f"server not ready within {timeout:g} s:\n{self.log()[-3000:]}")
 
     def wait_packages(self, timeout: float = 300.0) -> ServerProcess:
-        """Until /metrics says every model's one-image package is loaded (``ntm_model_package_loaded``).
+        """Until /metrics says every model's one-row packages are loaded (``ntm_model_package_loaded``).
 
         A server without that gauge (a build from before packages, in an A/B run) has none to wait for.
         """
