@@ -12,9 +12,11 @@ model this times, interleaved, us a step:
 - compiled graph: ``precompute_inputs`` eager, then a ``CompiledRunner`` graph for one row (what
   a server ran before its packages);
 - served: ``CompiledRunner.step`` with its packages loaded (one package of the whole step);
+- ATen convolutions (the conv encoder only): the whole step's package as served, but with the
+  encoder's convolutions traced as ATen's (``nn.Conv2d``) instead of as matrix products over
+  their patches (``models.encoders.convolve_as_matmul``);
 - inductor's defaults: the whole step's package compiled with inductor's default options
-  (freezing only) for the caller's threads, where a served package is autotuned and
-  compiled for one thread (``aot.INDUCTOR_CONFIGS``, ``aot.BUILD_THREADS``);
+  (freezing only), where a served package is autotuned (``aot.INDUCTOR_CONFIGS``);
 - AOTI parts: a package of ``precompute_inputs`` for one image, then the runner's package of the
   recurrent step (what a session's batch form runs a row at a time);
 
@@ -25,6 +27,7 @@ output of the served package.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -38,12 +41,13 @@ from bench.common import interleaved_rates, machine_load, markdown_table, median
 from models import aot
 from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
+from models.encoders import ConvEncoder
 from models.inference import CompiledRunner, pad_rows
 from models.ntm import NTM
 from models.state import NTMState
 
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "compiled graph", "served", "inductor's defaults", "AOTI parts")
+WAYS = ("eager", "compiled graph", "served", "ATen convolutions", "inductor's defaults", "AOTI parts")
 DEFAULT_CONFIGS = {"freezing": True}  # the served recipe without autotuning
 
 
@@ -58,10 +62,17 @@ class Precompute(nn.Module):
         return (self.model.precompute_inputs(images, labels),)
 
 
+class AtenConvEncoder(ConvEncoder):
+    """The conv encoder with its convolutions traced as ATen's (its ``nn.Conv2d`` layers) when compiled too."""
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
 def package(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, **recipe: object) -> tuple[Callable, float]:
     """An AOTInductor package of ``module`` for ``args``' shapes, built at ``path`` and loaded; and the seconds it took.
 
-    ``recipe``: ``aot.build``'s ``configs`` and ``threads``, when not the served ones.
+    ``recipe``: ``aot.build``'s ``configs``, when not the served ones.
     """
     started = time.perf_counter()
     with torch.inference_mode(False):  # exported as ``aot.export_part`` does: outside inference mode
@@ -81,9 +92,13 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ntm-aoti-") as folder:
         precompute, pre_seconds = package(Precompute(model), (images, labels), Path(folder, "precompute.pt2"))
         defaults, defaults_seconds = package(
-            aot.WholeStep(model), (images, labels, *state), Path(folder, "defaults.pt2"),
-            configs=DEFAULT_CONFIGS, threads=torch.get_num_threads(),
-        )  # fmt: skip
+            aot.WholeStep(model), (images, labels, *state), Path(folder, "defaults.pt2"), configs=DEFAULT_CONFIGS
+        )
+        aten = None
+        if isinstance(model.encoder, ConvEncoder):
+            aten_model = copy.deepcopy(model)
+            aten_model.encoder.__class__ = AtenConvEncoder
+            aten, _ = package(aot.WholeStep(aten_model), (images, labels, *state), Path(folder, "aten.pt2"))
         started = time.perf_counter()
         runner.load_packages(Path(folder))
         packages_seconds = time.perf_counter() - started
@@ -96,6 +111,7 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
                 "compiled graph": lambda: graph(model.precompute_inputs(images, labels), *state),
                 "served": lambda: runner.step(NTMState(*state), images, labels),
                 "inductor's defaults": lambda: defaults(images, labels, *state),
+                **({"ATen convolutions": lambda: aten(images, labels, *state)} if aten is not None else {}),
                 "AOTI parts": lambda: runner.recurrent_step(precompute(images, labels)[0], NTMState(*state)),
             }
             expected = steps["eager"]()
@@ -141,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the caller's count back (the tests call main in their own process)
         torch.set_num_threads(threads)
     print(f"## us a step at batch 1, encoder included ({args.threads} threads, load average {load:.2f})\n")
-    rows = [[path, *(f"{r['us_per_step'][way]:,.0f}" for way in WAYS)] for path, r in results.items()]
+    rows = [
+        [path, *(f"{r['us_per_step'][way]:,.0f}" if way in r["us_per_step"] else "-" for way in WAYS)]
+        for path, r in results.items()
+    ]
     print(markdown_table(["model", *WAYS], rows))
     for path, r in results.items():
         seconds = ", ".join(f"{part} {value:.1f} s" for part, value in r["compile_seconds"].items())

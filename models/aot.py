@@ -48,11 +48,10 @@ from models.state import NTMState
 
 FOLDER_NAME = "ntm-aot"
 # How a package is exported and compiled (see ``export_part``): part of its key, so a change to it is a new package.
-RECIPE = "whole-step 3: grad mode on, weights frozen, freezing, max-autotune CPP GEMMs, one thread"
+RECIPE = "whole-step 4: grad mode on, weights frozen, freezing, max-autotune CPP GEMMs, convolutions as GEMMs"
 # Inductor's options for a package (see ``build``): weights frozen into constants, and each matrix
 # product timed at build time as inductor's own C++ micro-kernel against ATen's (oneDNN/MKL) call.
 INDUCTOR_CONFIGS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-BUILD_THREADS = 1  # a package serves one row: compiled for one thread, it has no OpenMP regions to enter
 CHECK_TOLERANCE = 1e-4  # a package further than this from eager on its check step is not used
 
 Package = Callable[..., Sequence[torch.Tensor]]  # flat input tensors -> flat output tensors
@@ -110,11 +109,12 @@ def cache_folder() -> Path:
 
 
 def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
-    """A digest of what a package of ``exported`` bakes in: graph, weights, recipe, torch's version, the CPU.
+    """A digest of what a package of ``exported`` bakes in: graph, weights, recipe, torch's version and threads, the CPU.
 
     The graph alone is not enough: exported under ``torch.no_grad`` the same graph code
-    compiled to a package twice as slow, so ``RECIPE`` names how packages are made. The CPU's
-    flags also decide the SIMD instruction set inductor picks.
+    compiled to a package twice as slow, so ``RECIPE`` names how packages are made. The thread
+    count decides which loops inductor parallelises, and the CPU's flags the SIMD instruction
+    set it picks.
     """
     digest = hashlib.sha256(RECIPE.encode())
     digest.update(exported.graph_module.code.encode())
@@ -122,7 +122,7 @@ def package_key(exported: torch.export.ExportedProgram, model: NTM) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{torch.__version__}|{cpu_signature()}".encode())
+    digest.update(f"{torch.__version__}|{torch.get_num_threads()}|{cpu_signature()}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -162,34 +162,28 @@ def package_path(exported: torch.export.ExportedProgram, model: NTM, folder: Pat
     return (folder or cache_folder()) / f"{package_key(exported, model)}.pt2"
 
 
-def build(
-    exported: torch.export.ExportedProgram,
-    path: Path,
-    configs: dict[str, object] = INDUCTOR_CONFIGS,
-    threads: int = BUILD_THREADS,
-) -> None:
+def build(exported: torch.export.ExportedProgram, path: Path, configs: dict[str, object] = INDUCTOR_CONFIGS) -> None:
     """Compile ``exported`` into a package at ``path``: written under a temporary name, then renamed into place.
 
-    ``configs`` and ``threads``: inductor's options and the thread count it compiles for (a
-    benchmark compares other recipes; a served package's key assumes these defaults).
+    ``configs``: inductor's options (a benchmark compares another recipe; a served package's key
+    assumes ``INDUCTOR_CONFIGS``). The package is compiled for the caller's torch threads
+    (``torch.get_num_threads``), which its key records.
 
     One row is a matrix-vector product per layer, where a library call's fixed cost is most of
     the time: with ``max_autotune`` inductor times its own C++ micro-kernel (``CppMicroGemm``)
     against ATen's call for each product and bakes in the faster one (2 us against 13 for one
-    of the fast model's products), and compiled for one thread the kernels enter no OpenMP
-    region. Fast model, us a step, interleaved in one process (``python -m bench.aoti_batch1``,
-    ``bench/results/aoti-batch1-2026-12-06-autotune.json``): 137 against 161 for a package of
-    inductor's defaults (freezing alone, two threads); default model 379 against 389, its
-    Conv-4 convolutions being most of its step. The autotuned products sum in another order
+    of the fast model's products). The convolutions are matrix products too
+    (``models.encoders.convolve_as_matmul``). Compiled for two threads, the products' weights
+    (1.2 MB a fast-model step) stream through both cores' caches: the whole-step package,
+    interleaved in one process, took 84 us compiled for two threads against 102 for one
+    (138 for one thread with ATen's convolutions). The autotuned products sum in another order
     than MKL's: on the shipped fast model a package's logits (of magnitude 15) differ from
     eager's by up to 1.7e-5 after one step, and its probabilities by 1.3e-5 after a 50-step
-    episode (4.5e-6 with inductor's defaults). A build takes 10-30 s.
+    episode (4.5e-6 with inductor's defaults). A build takes 10-45 s.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix="partial-", suffix=".pt2")
     os.close(handle)
-    callers = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
         with warnings.catch_warnings():
             # Inductor's C++ GEMM template reads a weight's storage through the deprecated TypedStorage.
@@ -197,7 +191,6 @@ def build(
             torch._inductor.aoti_compile_and_package(exported, package_path=partial, inductor_configs=configs)
         os.replace(partial, path)
     finally:
-        torch.set_num_threads(callers)
         Path(partial).unlink(missing_ok=True)
 
 
@@ -219,7 +212,10 @@ class PackageBuild:
         self.checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "models.aot", str(self.checkpoint), str(folder or cache_folder())],
+                [
+                    *(sys.executable, "-m", "models.aot", str(self.checkpoint), str(folder or cache_folder())),
+                    str(torch.get_num_threads()),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -314,12 +310,16 @@ def check(part: str, package: Package, model: NTM) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m models.aot CHECKPOINT FOLDER``: the checkpoint's packages, found in or built into FOLDER.
+    """``python -m models.aot CHECKPOINT FOLDER THREADS``: the checkpoint's packages for THREADS torch threads.
+
+    They are found in or built into FOLDER; THREADS is the server's thread count (the packages
+    a server loads are compiled for its threads, ``package_key``).
 
     Prints a line per part (``PART built PATH`` or ``PART cached PATH``). On SIGTERM (a closing
     server, ``PackageBuild.cancel``) it exits through ``build``'s cleanup of its partial file.
     """
-    checkpoint, folder = argv if argv is not None else sys.argv[1:]
+    checkpoint, folder, threads = argv if argv is not None else sys.argv[1:]
+    torch.set_num_threads(int(threads))
     os.nice(19)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     from models.inference import skip_isa_test_builds

@@ -204,7 +204,8 @@ class CompiledRunner(EagerRunner):
         if package is None:
             return None
         try:
-            logits, *tensors = package(*(pad_rows(t, 1) for t in inputs))
+            # Contiguity is all a package needs: no dynamo guard here, so no copy of a view or of a plain tensor.
+            logits, *tensors = package(*(t.contiguous() for t in inputs))
         except Exception as exc:
             self.packages = {}
             if self.on_package_failure is not None:

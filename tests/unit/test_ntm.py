@@ -197,3 +197,33 @@ def test_conv_encoder_with_channels_last_weights_gives_the_same_features():
         model.to(memory_format=torch.channels_last)
         assert model.encoder.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(model.encoder(images), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "bias", "size"), [(2, 1, True, 28), (2, 1, True, 7), (1, 1, False, 9), (1, 0, True, 6)]
+)
+def test_a_convolution_as_a_matrix_product_over_its_patches_is_the_convolution(stride, padding, bias, size):
+    from models.encoders import convolve_as_matmul
+
+    gen = torch.Generator().manual_seed(stride + 2 * padding + size)
+    x = torch.rand(3, 5, size, size, generator=gen)
+    weight, offset = torch.randn(7, 5, 3, 3, generator=gen), torch.randn(7, generator=gen) if bias else None
+    want = torch.nn.functional.conv2d(x, weight, offset, stride=stride, padding=padding)
+    have = convolve_as_matmul(x.permute(0, 2, 3, 1), weight, offset, stride, padding).permute(0, 3, 1, 2)
+    torch.testing.assert_close(have, want, rtol=0, atol=1e-5)
+
+
+def test_the_conv_encoder_compiled_with_frozen_weights_gives_the_eager_features():
+    """Compiled for inference (weights without autograd), the encoder convolves as matrix products over patches."""
+    model = make_model(encoder="conv").eval().requires_grad_(False)
+    images = torch.rand(2, 28, 28, generator=torch.Generator().manual_seed(3))
+    graphs: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph.code)
+        return graph.forward
+
+    compiled = torch.compile(model.encoder, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model.encoder(images), rtol=0, atol=1e-5)
+    assert len(graphs) == 1 and "conv2d" not in graphs[0] and graphs[0].count("torch.addmm") == 2  # its two convolutions
