@@ -6,11 +6,10 @@ Through ``torch.compile`` each call pays Python's and dynamo's per-call costs (g
 AOT-autograd wrappers) on top of the kernels, and the encoder runs eagerly. AOTInductor
 (``torch.export``, then ``torch._inductor.aoti_compile_and_package``) compiles both parts into
 one package, a shared library whose call is a single C++ entry point. Measured side by side in
-one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-autotune.json``),
-us a step at batch 1: fast model eager 457, encoder eager then a compiled graph for one row
-361, this package 137; default model 843, 654 and 379 (at an hour when this machine ran about
-2.3 times slower than at its fastest). Its outputs matched eager's to 9.5e-6 (fast) and 1.2e-6
-(default). A second package, of the recurrent step alone for one row, serves a session's batch
+one process (``python -m bench.aoti_batch1``, ``bench/results/aoti-batch1-2026-12-06-conv-gemm.json``),
+us a step at batch 1: fast model eager 373, encoder eager then a compiled graph for one row
+321, this package 82; default model 969, 749 and 357. Its outputs matched eager's to 1.0e-5
+(fast) and 1.4e-6 (default). A second package, of the recurrent step alone for one row, serves a session's batch
 form (several images in one request, a row at a time).
 
 A package takes 10-30 s to build, so a server finds or builds them in a child process once its

@@ -44,10 +44,10 @@ One row goes through AOTInductor packages instead (``models.aot``), once ``load_
 image (a lone session's step: the encoder, then the recurrence) is one call of the whole
 step's package, and ``recurrent_step`` on one row (a session's batch form) one call of the
 recurrent step's. A package's call skips dynamo's guards and wrappers and Python's
-per-operator work in the encoder: the whole step took 0.4-0.6 of the time of the encoder eager
-then a graph for one row (fast model: 137 against 361 us, default 379 against 654,
-``bench/results/aoti-batch1-2026-12-06-autotune.json``, an hour when this machine ran about 2.3
-times slower than the figures above). A server builds them in the background once ready, so
+per-operator work in the encoder: the whole step took 0.26-0.48 of the time of the encoder
+eager then a graph for one row (fast model: 82 against 321 us, default 357 against 749,
+``bench/results/aoti-batch1-2026-12-06-conv-gemm.json``, on an Intel Xeon host where the
+figures above came from an AMD EPYC one). A server builds them in the background once ready, so
 its start compiles two graphs a model, not three (both shipped models, an empty cache: 28.8
 against 43.4 s, ``bench/results/startup-2026-12-06-{package,before-package}.json``).
 
