@@ -226,4 +226,6 @@ def test_the_conv_encoder_compiled_with_frozen_weights_gives_the_eager_features(
     compiled = torch.compile(model.encoder, backend=backend, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model.encoder(images), rtol=0, atol=1e-5)
-    assert len(graphs) == 1 and "conv2d" not in graphs[0] and graphs[0].count("torch.addmm") == 2  # its two convolutions
+    assert (
+        len(graphs) == 1 and "conv2d" not in graphs[0] and graphs[0].count("torch.addmm") == 2
+    )  # its two convolutions
