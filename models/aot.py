@@ -12,7 +12,7 @@ us a step at batch 1: fast model eager 373, encoder eager then a compiled graph 
 (fast) and 1.4e-6 (default). A second package, of the recurrent step alone for one row, serves a session's batch
 form (several images in one request, a row at a time).
 
-A package takes 10-30 s to build, so a server finds or builds them in a child process once its
+A package takes 10-45 s to build, so a server finds or builds them in a child process once its
 graphs are warm (``PackageBuild``, ``service.batching``), and keeps them in inductor's cache
 folder (``TORCHINDUCTOR_CACHE_DIR``, under ``ntm-aot/``) for its next start. The file's name
 is a digest of everything the package bakes in: the exported graph (so a change to the model's
@@ -210,11 +210,9 @@ class PackageBuild:
     def __init__(self, model: NTM, folder: Path | None = None) -> None:
         self.checkpoint = save_checkpoint(model, tempfile.mkdtemp(prefix="ntm-aot-model-"))
         try:
+            arguments = (str(self.checkpoint), str(folder or cache_folder()), str(torch.get_num_threads()))
             self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "models.aot", str(self.checkpoint), str(folder or cache_folder())),
-                    str(torch.get_num_threads()),
-                ],
+                [sys.executable, "-m", "models.aot", *arguments],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -44,8 +44,8 @@ class ConvEncoder(nn.Module):
         return self.norm(self.project(self._convolve(images.unsqueeze(1)).flatten(1)))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
         if torch.compiler.is_compiling():
+            convs = self._conv_layers()
             if convs[0].weight.requires_grad:  # a compiled training step: autograd's convolutions
                 return self.convs(x)
             x = x.permute(0, 2, 3, 1)  # NHWC, a view: each layer's output comes channels-last
@@ -56,8 +56,11 @@ class ConvEncoder(nn.Module):
         if not blockable or torch.is_grad_enabled() or not onednn.available():
             return self.convs(x)
         if self._blocked is None or not self._blocked.is_current():
-            self._blocked = onednn.BlockedConvStack(convs)
+            self._blocked = onednn.BlockedConvStack(self._conv_layers())
         return self._blocked(x)
+
+    def _conv_layers(self) -> list[nn.Conv2d]:
+        return [m for m in self.convs if isinstance(m, nn.Conv2d)]
 
     def __getstate__(self) -> dict:
         """Pickling and deep copies leave the oneDNN weights behind (rebuilt on use)."""
