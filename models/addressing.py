@@ -13,13 +13,32 @@ COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-12
 
 
+def fused_products(memory: torch.Tensor, other: torch.Tensor) -> bool:
+    """True while inductor traces an inference graph: memory products then go as multiply-and-sums.
+
+    A session's products with its memory (the keys' dot products with every slot, the read) are
+    matrix products of one or two rows, a batch of them per call. As ``bmm`` they are one
+    library call each that inductor cannot fuse with anything. As a multiply and a sum over the
+    memory's width, inductor generates them as reductions inside its loop over the sessions,
+    together with the norms and the softmaxes that use them and, for the read, beside the write:
+    fewer passes over the memory, the step's largest tensor. Eager keeps ``bmm`` (one call
+    against a multiply's [B, H, N, W] temporary), and so does a traced training step (its
+    backward would keep that temporary).
+    """
+    return torch.compiler.is_compiling() and not (memory.requires_grad or other.requires_grad)
+
+
 def cosine_similarity(memory: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """K[u, v] = u.v / (|u| |v|) (eq. 6) of each key against each memory row.
 
     memory [B, N, W], key [B, H, W] -> [B, H, N]. The norms' product is clamped below so
-    an all-zero key or row gives similarity 0 instead of NaN.
+    an all-zero key or row gives similarity 0 instead of NaN. The dot products are a batched
+    matrix product, or a multiply-and-sum in a traced inference graph (``fused_products``).
     """
-    dot = torch.bmm(key, memory.transpose(1, 2))
+    if fused_products(memory, key):
+        dot = (key.unsqueeze(2) * memory.unsqueeze(1)).sum(-1)
+    else:
+        dot = torch.bmm(key, memory.transpose(1, 2))
     norms = key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1).unsqueeze(1)
     return dot / norms.clamp_min(COSINE_EPS)
 
@@ -81,7 +100,12 @@ def address(
 
 
 def read(memory: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """r = sum_i w(i) M(i) (eq. 2): memory [B, N, W], w [B, N] -> [B, W]."""
+    """r = sum_i w(i) M(i) (eq. 2): memory [B, N, W], w [B, N] -> [B, W].
+
+    A batched matrix product, or a multiply-and-sum in a traced inference graph (``fused_products``).
+    """
+    if fused_products(memory, w):
+        return (w.unsqueeze(-1) * memory).sum(1)
     return torch.bmm(w.unsqueeze(1), memory).squeeze(1)
 
 

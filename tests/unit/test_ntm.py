@@ -213,6 +213,34 @@ def test_a_convolution_as_a_matrix_product_over_its_patches_is_the_convolution(s
     torch.testing.assert_close(have, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_a_traced_step_takes_its_memory_products_as_multiply_and_sums_only_for_inference(training):
+    """Traced without autograd, the NTM heads' products with the memory (keys against every slot, the
+    read) are multiply-and-sums, which inductor fuses into its loops over the sessions; a traced
+    training step keeps ``bmm``."""
+    model = make_model().requires_grad_(training)
+    images, slots = random_episode(3, 4)
+    state = model.initial_state(4)
+    for t in range(2):  # a state with something written
+        _, state = model.step(state, images[t], model.label_input(slots[t]))
+    state = NTMState(*(t.detach() for t in state.tensors()))
+    pre = model.precompute_inputs(images[2], model.label_input(slots[2])).detach()
+    graphs: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph.code)
+        return graph.forward
+
+    compiled = torch.compile(model.recurrent_step, backend=backend, fullgraph=True)
+    with torch.set_grad_enabled(training):
+        logits, new_state = compiled(pre, state)
+        expected_logits, expected_state = model.recurrent_step(pre, state)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-6)
+    for got, expected in zip(new_state.tensors(), expected_state.tensors(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert len(graphs) == 1 and ("bmm" in graphs[0]) == training
+
+
 def test_the_conv_encoder_compiled_with_frozen_weights_gives_the_eager_features():
     """Compiled for inference (weights without autograd), the encoder convolves as matrix products over patches."""
     model = make_model(encoder="conv").eval().requires_grad_(False)
