@@ -15,6 +15,9 @@ model this times, interleaved, us a step:
 - ATen convolutions (the conv encoder only): the whole step's package as served, but with the
   encoder's convolutions traced as ATen's (``nn.Conv2d``) instead of as matrix products over
   their patches (``models.encoders.convolve_as_matmul``);
+- bmm products (the NTM heads only): the whole step's package as served, but traced with the
+  memory's products (the keys against every slot, the read) as ``bmm`` calls instead of
+  multiply-and-sums (``models.addressing.fused_products``);
 - inductor's defaults: the whole step's package compiled with inductor's default options
   (freezing only), where a served package is autotuned (``aot.INDUCTOR_CONFIGS``);
 - AOTI parts: a package of ``precompute_inputs`` for one image, then the runner's package of the
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.common import bmm_products, interleaved_rates, machine_load, markdown_table, median, write_json
 from models import aot
 from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
@@ -47,7 +50,7 @@ from models.ntm import NTM
 from models.state import NTMState
 
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "compiled graph", "served", "ATen convolutions", "inductor's defaults", "AOTI parts")
+WAYS = ("eager", "compiled graph", "served", "ATen convolutions", "bmm products", "inductor's defaults", "AOTI parts")
 DEFAULT_CONFIGS = {"freezing": True}  # the served recipe without autotuning
 
 
@@ -99,6 +102,10 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
             aten_model = copy.deepcopy(model)
             aten_model.encoder.__class__ = AtenConvEncoder
             aten, _ = package(aot.WholeStep(aten_model), (images, labels, *state), Path(folder, "aten.pt2"))
+        bmm = None
+        if model.config.addressing == "ntm":
+            with bmm_products():
+                bmm, _ = package(aot.WholeStep(model), (images, labels, *state), Path(folder, "bmm.pt2"))
         started = time.perf_counter()
         runner.load_packages(Path(folder))
         packages_seconds = time.perf_counter() - started
@@ -112,6 +119,7 @@ def measure(path: str, repeats: int, min_time: float) -> dict:
                 "served": lambda: runner.step(NTMState(*state), images, labels),
                 "inductor's defaults": lambda: defaults(images, labels, *state),
                 **({"ATen convolutions": lambda: aten(images, labels, *state)} if aten is not None else {}),
+                **({"bmm products": lambda: bmm(images, labels, *state)} if bmm is not None else {}),
                 "AOTI parts": lambda: runner.recurrent_step(precompute(images, labels)[0], NTMState(*state)),
             }
             expected = steps["eager"]()

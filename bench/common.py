@@ -8,7 +8,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 Runner = Callable[[int], None]  # runs its workload n times
@@ -135,3 +135,20 @@ def cpu_split(
     spent = {tid: seconds - before.get(tid, (0.0, 0))[0] for tid, (seconds, _) in after.items()}
     main = spent.pop(pid, 0.0)
     return main, sum(spent.values())
+
+
+@contextlib.contextmanager
+def bmm_products() -> Iterator[None]:
+    """Graphs traced meanwhile take the memory's products as ``bmm`` calls, as eager does.
+
+    ``models.addressing.fused_products`` answers False, so a benchmark can set the served
+    multiply-and-sums against the batched matrix products they replaced, side by side.
+    """
+    from models import addressing
+
+    fused = addressing.fused_products
+    addressing.fused_products = lambda memory, other: False
+    try:
+        yield
+    finally:
+        addressing.fused_products = fused

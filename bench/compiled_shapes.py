@@ -9,6 +9,9 @@ model (by default) and row count it times, interleaved in one process, microseco
 - eager: ``EagerRunner``;
 - served: ``CompiledRunner`` with a largest batch of 256 (``--largest``), as ``NTM_COMPILE=1``
   runs it (a graph for one row, one whose batch dimension is symbolic, a static one for 256);
+- bmm products: the served graphs traced with the memory's products (the keys against every
+  slot, the read) as ``bmm`` calls instead of the multiply-and-sums that inductor fuses into its
+  loops over the sessions (``models.addressing.fused_products``);
 - symbolic: the served runner's symbolic graph alone for every call of two rows or more;
 - ladder: static graphs for 1, 2, 4, ... up to the largest batch, a call padded to the next size up by repeating
   its last row (what a server would run with one graph per power of two).
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Runner, interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.common import Runner, bmm_products, interleaved_rates, machine_load, markdown_table, median, write_json
 from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
 from models.inference import CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
@@ -35,7 +38,7 @@ from models.state import NTMState
 LARGEST = 256
 ROWS = (1, 16, 33, 64, 65, 100, 128, 129, 200, 256)
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "served", "symbolic", "ladder")
+WAYS = ("eager", "served", "bmm products", "symbolic", "ladder")
 
 
 class SymbolicRunner(CompiledRunner):
@@ -46,6 +49,21 @@ class SymbolicRunner(CompiledRunner):
 
     def warm_sizes(self) -> tuple[int, ...]:
         return (1, 2)
+
+
+class BmmProductsRunner(CompiledRunner):
+    """The served runner with its graphs traced and called under ``bench.common.bmm_products``."""
+
+    def _recurrent_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step under code objects of this class's own, so that dynamo keeps its graphs apart from the served ones."""
+        return super()._recurrent_flat(pre, *state)
+
+    def _recurrent_full(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._recurrent_flat(pre, *state)
+
+    def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        with bmm_products():
+            return super().recurrent_step(pre, state)
 
 
 class LadderRunner(CompiledRunner):
@@ -99,6 +117,7 @@ def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_tim
     runners: dict[str, EagerRunner] = {
         "eager": EagerRunner(model),
         "served": CompiledRunner(model, largest),
+        "bmm products": BmmProductsRunner(model, largest),
         "symbolic": SymbolicRunner(model, largest),
         "ladder": LadderRunner(model, largest),
     }

@@ -227,7 +227,7 @@ def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_chec
     timings = json.loads(out.read_text())["us_per_call"][str(tiny_checkpoint)]
     assert sorted(timings) == ["1", "3", "4"]
     assert all(sorted(ways) == sorted(compiled_shapes.WAYS) and min(ways.values()) > 0 for ways in timings.values())
-    assert "| rows | eager | served | symbolic | ladder |" in capsys.readouterr().out
+    assert "| rows | eager | served | bmm products | symbolic | ladder |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compiled_shapes.main(["--model", str(tiny_checkpoint), "--rows", "5", "--largest", "4"])
 
@@ -244,7 +244,7 @@ def test_aoti_batch1_bench_times_every_way_and_matches_eager(tmp_path, tiny_chec
         ["precompute", "whole step and recurrent step", "whole step, inductor's defaults"]
     )
     assert result["max_difference_served"] <= 1e-5
-    header = "| model | eager | compiled graph | served | ATen convolutions | inductor's defaults | AOTI parts |"
+    header = "| model | eager | compiled graph | served | ATen convolutions | bmm products | inductor's defaults | AOTI parts |"
     assert header in capsys.readouterr().out
 
 
