@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from playwright.sync_api import expect
 
 from tests.servers import ServerProcess
@@ -38,6 +40,10 @@ def test_redoc_renders_offline(demo_server: ServerProcess, open_page) -> None:
     # (the browser logs the aborted request; nothing else is logged).
     assert set(watched.blocked) <= {REDOC_LOGO}, f"ReDoc reached for other hosts: {watched.blocked}"
     assert watched.page_errors == []
+    # The aborted request's console line reaches Playwright after the abort itself: let it arrive.
+    deadline = time.monotonic() + 10
+    while len(watched.console_errors) < len(watched.blocked) and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert watched.console_errors == ["Failed to load resource: net::ERR_FAILED"] * len(watched.blocked)
 
 
