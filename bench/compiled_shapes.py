@@ -59,6 +59,7 @@ class BmmProductsRunner(CompiledRunner):
         return super()._recurrent_flat(pre, *state)
 
     def _recurrent_full(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The static graph's step, under a code object of this class's own too."""
         return self._recurrent_flat(pre, *state)
 
     def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:

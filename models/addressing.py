@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from models.tracing import tracing
+
 COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-12
 
 
 def fused_products(memory: torch.Tensor, other: torch.Tensor) -> bool:
-    """True while inductor traces an inference graph: memory products then go as multiply-and-sums.
+    """True while a graph without autograd is traced (``models.tracing``): memory products then go as multiply-and-sums.
 
     A session's products with its memory (the keys' dot products with every slot, the read) are
     matrix products of one or two rows, a batch of them per call. As ``bmm`` they are one
@@ -22,12 +24,15 @@ def fused_products(memory: torch.Tensor, other: torch.Tensor) -> bool:
     memory's width, inductor generates them as reductions inside its loop over the sessions,
     together with the norms and the softmaxes that use them and, for the read, beside the write:
     fewer passes over the memory, the step's largest tensor. The fast model's compiled
-    recurrent step at 65, 129 and 256 rows, two threads, interleaved: 576, 1,093 and 1,912 us
-    against 647, 1,243 and 2,031 with ``bmm`` (``python -m bench.compiled_shapes``,
-    ``docs/benchmarks.md``). Eager keeps ``bmm`` (one call against a multiply's [B, H, N, W]
-    temporary), and so does a traced training step (its backward would keep that temporary).
+    recurrent step, two threads, interleaved: 576 and 1,093 us at 65 and 129 rows against 647
+    and 1,243 with ``bmm``; at 16, 64 and 256 rows 4-7% faster, within one cell's noise; on one
+    thread ahead at three of five sizes, 13% behind at 129 rows (``python -m
+    bench.compiled_shapes``, ``docs/benchmarks.md``). Measured for the NTM heads only; the LRUA
+    and keyed reads take the same path. Eager keeps ``bmm`` (one call against a multiply's
+    [B, H, N, W] temporary), and so does a traced training step (its backward would keep that
+    temporary).
     """
-    return torch.compiler.is_compiling() and not (memory.requires_grad or other.requires_grad)
+    return tracing() and not (memory.requires_grad or other.requires_grad)
 
 
 def cosine_similarity(memory: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

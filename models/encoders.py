@@ -16,6 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models import onednn
 from models.config import NTMConfig
+from models.tracing import tracing
 
 
 class ConvEncoder(nn.Module):
@@ -44,7 +45,7 @@ class ConvEncoder(nn.Module):
         return self.norm(self.project(self._convolve(images.unsqueeze(1)).flatten(1)))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if tracing():
             convs = self._conv_layers()
             if convs[0].weight.requires_grad:  # a compiled training step: autograd's convolutions
                 return self.convs(x)
@@ -136,7 +137,7 @@ class Conv4Encoder(nn.Module):
         x = images.unsqueeze(1)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.training or torch.is_grad_enabled() or self._versionless() or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or self._versionless() or tracing():
             return self.blocks(x).flatten(1)
         if self._folded is None or not self._folded.is_current():
             self._folded = FoldedConvStack(self.blocks)

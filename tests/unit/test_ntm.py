@@ -221,8 +221,8 @@ def test_a_traced_step_takes_its_memory_products_as_multiply_and_sums_only_for_i
     model = make_model().requires_grad_(training)
     images, slots = random_episode(3, 4)
     state = model.initial_state(4)
-    for t in range(2):  # a state with something written
-        _, state = model.step(state, images[t], model.label_input(slots[t]))
+    for step in range(2):  # a state with something written
+        _, state = model.step(state, images[step], model.label_input(slots[step]))
     state = NTMState(*(t.detach() for t in state.tensors()))
     pre = model.precompute_inputs(images[2], model.label_input(slots[2])).detach()
     graphs: list[str] = []
@@ -239,6 +239,14 @@ def test_a_traced_step_takes_its_memory_products_as_multiply_and_sums_only_for_i
     for got, expected in zip(new_state.tensors(), expected_state.tensors(), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert len(graphs) == 1 and ("bmm" in graphs[0]) == training
+
+
+def test_an_exported_package_takes_its_memory_products_as_multiply_and_sums():
+    """The one-row packages are exported (``torch.export``), not compiled by dynamo: the same formulation."""
+    from models import aot
+
+    code = aot.export_part(make_model(), "recurrent").graph_module.code
+    assert "bmm" not in code and "aten.sum" in code
 
 
 def test_the_conv_encoder_compiled_with_frozen_weights_gives_the_eager_features():
