@@ -20,6 +20,17 @@ ACCESS = [{}, {"addressing": "lrua", "read_heads": 3}]  # the seed's NTM heads; 
 ACCESS_IDS = ["ntm", "lrua"]
 
 
+def compile_capturing(fn):
+    """``fn`` compiled by dynamo with a backend that runs each graph as traced, and the list of their codes."""
+    graphs: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(graph.code)
+        return graph.forward
+
+    return torch.compile(fn, backend=backend, fullgraph=True), graphs
+
+
 @pytest.fixture
 def float64():
     """Models and tensors made in the test are float64."""
@@ -225,13 +236,7 @@ def test_a_traced_step_takes_its_memory_products_as_multiply_and_sums_only_for_i
         _, state = model.step(state, images[step], model.label_input(slots[step]))
     state = NTMState(*(t.detach() for t in state.tensors()))
     pre = model.precompute_inputs(images[2], model.label_input(slots[2])).detach()
-    graphs: list[str] = []
-
-    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(graph.code)
-        return graph.forward
-
-    compiled = torch.compile(model.recurrent_step, backend=backend, fullgraph=True)
+    compiled, graphs = compile_capturing(model.recurrent_step)
     with torch.set_grad_enabled(training):
         logits, new_state = compiled(pre, state)
         expected_logits, expected_state = model.recurrent_step(pre, state)
@@ -253,13 +258,7 @@ def test_the_conv_encoder_compiled_with_frozen_weights_gives_the_eager_features(
     """Compiled for inference (weights without autograd), the encoder convolves as matrix products over patches."""
     model = make_model(encoder="conv").eval().requires_grad_(False)
     images = torch.rand(2, 28, 28, generator=torch.Generator().manual_seed(3))
-    graphs: list[str] = []
-
-    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(graph.code)
-        return graph.forward
-
-    compiled = torch.compile(model.encoder, backend=backend, fullgraph=True)
+    compiled, graphs = compile_capturing(model.encoder)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model.encoder(images), rtol=0, atol=1e-5)
     assert (
