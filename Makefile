@@ -17,13 +17,14 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/ntm-serve --host $(HOST) --port $(PORT)
 
 # tests/browser drive Debian's Chromium and tests/deploy render docker/k8s with kubectl: scripts/install-chromium
-# and scripts/install-kubectl install them once, and do nothing when they are there.
+# and scripts/install-kubectl install them once, and do nothing when they are there. The tests run on one torch
+# thread each (tests/conftest.py), so two pytest-xdist workers keep both cores busy: 756 against 1,502 s on one host.
 test: $(VENV)/.installed
 	bash scripts/install-chromium
 	VENV=$(VENV) bash scripts/install-kubectl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.model
