@@ -31,7 +31,7 @@ import torch
 from bench.common import Runner, bmm_products, interleaved_rates, machine_load, markdown_table, median, write_json
 from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
-from models.inference import CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
+from models.inference import CPU_OPTIONS, CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
 from models.ntm import NTM
 from models.state import NTMState
 
@@ -76,9 +76,7 @@ class LadderRunner(CompiledRunner):
         super().__init__(model, largest_batch)
         self.ladder = batch_ladder(largest_batch)
         torch._dynamo.config.recompile_limit += len(self.ladder)
-        self._padded = torch.compile(
-            self._ladder_flat, dynamic=False, fullgraph=True, options={"freezing": True, "cpp_wrapper": True}
-        )
+        self._padded = torch.compile(self._ladder_flat, dynamic=False, fullgraph=True, options=CPU_OPTIONS)
 
     def _ladder_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The step under a code object of its own, so that dynamo keeps its graphs apart from the served ones."""

@@ -6,7 +6,13 @@ session under way. ``EagerRunner`` calls the step as it is. ``CompiledRunner`` r
 through ``torch.compile`` (TorchInductor): the step's hundred small operators (the LSTM
 cell, addressing, read and write) become a few fused C++ loops, called from a C++ wrapper
 (``cpp_wrapper``, which saves the Python call per kernel: 121 against 155 us at batch 1 for
-the fast model), with the weights frozen into constants (``freezing``).
+the fast model). The weights stay inputs of the graphs: inductor's ``freezing`` (weights as
+constants, GEMMs on prepacked weights) takes effect only when it is set in
+``torch._inductor.config`` while dynamo traces, not as an option of ``torch.compile``, and set
+that way it made the fast model's step no faster at 16 to 256 rows (one and two threads,
+interleaved: 580-3,760 against 525-3,306 us a call at 16 and 256 rows on two), up to 9.5e-6
+from eager where the plain graph stays within 1.9e-6, and its warm-up 22.6 against 8.2 s (a
+trial on an AVX2 host).
 
 The encoder stays eager, because compiling it does not pay on the CPU: oneDNN's blocked
 convolutions (``models.onednn``) and the folded Conv-4 stack run it faster than inductor's
@@ -76,6 +82,7 @@ from models.ntm import NTM
 from models.state import NTMState
 
 _LIMIT_LOCK = threading.Lock()
+CPU_OPTIONS = {"cpp_wrapper": True}  # inductor's options for the CPU graphs (see the module docstring)
 
 
 def batch_ladder(largest: int) -> tuple[int, ...]:
@@ -151,7 +158,7 @@ class CompiledRunner(EagerRunner):
 
     def __init__(self, model: NTM, largest_batch: int) -> None:
         super().__init__(model)
-        model.requires_grad_(False)  # served weights: inductor freezes them into the graphs as constants
+        model.requires_grad_(False)  # served weights: graphs without autograd (see ``models.tracing``'s users)
         self.largest = largest_batch
         self.cuda = model.device.type == "cuda"
         self.ladder = batch_ladder(largest_batch) if self.cuda else ()
@@ -161,7 +168,7 @@ class CompiledRunner(EagerRunner):
             torch._dynamo.config.recompile_limit += len(self.ladder) or 2
         if not self.cuda:
             skip_isa_test_builds()
-        options = None if self.cuda else {"freezing": True, "cpp_wrapper": True}
+        options = None if self.cuda else CPU_OPTIONS
         mode = "reduce-overhead" if self.cuda else None
         self._step = torch.compile(self._recurrent_flat, dynamic=False, fullgraph=True, mode=mode, options=options)
         self._full = (
