@@ -18,13 +18,14 @@ serve: $(VENV)/.installed
 
 # tests/browser drive Debian's Chromium and tests/deploy render docker/k8s with kubectl: scripts/install-chromium
 # and scripts/install-kubectl install them once, and do nothing when they are there. The tests run on one torch
-# thread each (tests/conftest.py), so two pytest-xdist workers keep both cores busy: 756 against 1,502 s on one host.
+# thread each (tests/conftest.py), so two pytest-xdist workers keep both cores busy; the tests marked `inductor`
+# (compiling on both cores) form one group, run one after another on one worker (tests/conftest.py).
 test: $(VENV)/.installed
 	bash scripts/install-chromium
 	VENV=$(VENV) bash scripts/install-kubectl
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n 2 --dist worksteal
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.model

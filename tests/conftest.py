@@ -25,6 +25,24 @@ os.environ["NTM_GRPC_PORT"] = "0"
 # Apps and servers run their models eagerly unless a test asks for compiling (a warm-up takes seconds).
 os.environ["NTM_COMPILE"] = "0"
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "inductor: compiles with TorchInductor (graphs or AOTInductor packages), on both cores"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the ``inductor`` tests in one pytest-xdist group (``make test``: ``--dist loadgroup``).
+
+    They run one after another on one worker, beside the other worker's lighter tests: two
+    compiles at once on two cores made a server's package build outlast its test's wait.
+    """
+    for item in items:
+        if item.get_closest_marker("inductor") is not None:
+            item.add_marker(pytest.mark.xdist_group("inductor"))
+
+
 FIXTURE_ALPHABETS = ("Alpha", "Beta", "Gamma")
 CHARACTERS_PER_ALPHABET = 4
 DRAWINGS = 12

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.api.support import random_pixels, step_body
 from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.inductor
 
 TOLERANCE = 1e-5
 

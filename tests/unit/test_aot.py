@@ -16,6 +16,8 @@ from models.inference import CompiledRunner, EagerRunner
 from service.batching import MicroBatcher
 from tests.unit.test_inference import CONFIGS, TOLERANCE, model_of, steps
 
+pytestmark = pytest.mark.inductor
+
 
 def lone_steps(runner: EagerRunner, count: int, seed: int) -> list[torch.Tensor]:
     """``count`` one-image steps of one session through ``runner.step``: every step's logits, then the state's tensors."""

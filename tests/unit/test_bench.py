@@ -11,6 +11,7 @@ from bench.seed_reference import SeedNTM
 from models import NTMConfig
 
 
+@pytest.mark.inductor
 def test_model_bench_writes_its_figures(tmp_path, capsys):
     out = tmp_path / "model.json"
     threads = torch.get_num_threads()
@@ -218,6 +219,7 @@ def test_http_ab_bench_runs_two_checkouts_side_by_side(tmp_path, capsys):
     assert "context switches/step" in capsys.readouterr().out
 
 
+@pytest.mark.inductor
 def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_checkpoint, capsys):
     from bench import compiled_shapes
 
@@ -232,6 +234,7 @@ def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_chec
         compiled_shapes.main(["--model", str(tiny_checkpoint), "--rows", "5", "--largest", "4"])
 
 
+@pytest.mark.inductor
 def test_aoti_batch1_bench_times_every_way_and_matches_eager(tmp_path, tiny_checkpoint, capsys):
     from bench import aoti_batch1
 

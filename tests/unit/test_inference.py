@@ -14,6 +14,8 @@ from models.inference import CompiledRunner, EagerRunner, batch_ladder, pad_rows
 from models.state import NTMState
 from service.batching import MicroBatcher
 
+pytestmark = pytest.mark.inductor
+
 TOLERANCE = 1e-5
 CONFIGS = {  # the shipped models' kinds of step, small
     "ntm": NTMConfig(memory_slots=16, memory_width=8, hidden_size=12, conv_channels=(4, 8), feature_size=16),

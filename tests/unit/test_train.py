@@ -120,6 +120,7 @@ def test_ntm_eval_plots_the_table_as_a_png(omniglot_zip, tmp_path):
         assert len(image.getcolors(1 << 16) or ()) > 2, "more than a blank canvas"
 
 
+@pytest.mark.inductor
 def test_compiled_training_matches_eager(omniglot_zip, tmp_path):
     """--compile trains the same parameters (to float tolerance) as the eager run."""
     run = dict(iterations=3, val_every=1000, log_every=1, shots=2, config=TINY)
