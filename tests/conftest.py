@@ -32,15 +32,21 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+INDUCTOR_TIMEOUT = 900  # seconds: pytest-timeout's limit for an ``inductor`` test (300 for the others)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Put the ``inductor`` tests in one pytest-xdist group (``make test``: ``--dist loadgroup``).
 
     They run one after another on one worker, beside the other worker's lighter tests: two
-    compiles at once on two cores made a server's package build outlast its test's wait.
+    compiles at once on two cores made a server's package build outlast its test's wait. A
+    compile beside the other worker takes up to twice as long as alone (a package build: 1-2
+    minutes alone), hence their longer timeout.
     """
     for item in items:
         if item.get_closest_marker("inductor") is not None:
             item.add_marker(pytest.mark.xdist_group("inductor"))
+            item.add_marker(pytest.mark.timeout(INDUCTOR_TIMEOUT))
 
 
 FIXTURE_ALPHABETS = ("Alpha", "Beta", "Gamma")

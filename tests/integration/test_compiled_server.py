@@ -51,14 +51,15 @@ def test_a_compiling_server_says_503_until_warm_then_answers_as_an_eager_one_bef
         first = first_readiness(compiled)
         assert first.status_code == 503, first.text
         assert first.json()["error"]["code"] == "not_ready" and "warm-up" in first.json()["error"]["message"]
-        compiled.wait_ready(timeout=180)
+        compiled.wait_ready(timeout=300)
         eager.wait_ready()
         assert '"runner": "compiled"' in compiled.log() and '"message": "model warm"' in compiled.log()
         images = [random_pixels(seed) for seed in range(8)]
         want = episode(eager, images)
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
         # Once ready it builds the one-row packages in the background; lone steps then run through them.
-        compiled.wait_packages(timeout=180)
+        # The build autotunes its GEMMs: 1-2 minutes alone, twice that beside the other test worker.
+        compiled.wait_packages(timeout=480)
         assert '"message": "one-row packages loaded"' in compiled.log()
         np.testing.assert_allclose(episode(compiled, images), want, rtol=0, atol=TOLERANCE)
     finally:
