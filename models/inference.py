@@ -10,9 +10,9 @@ the fast model). The weights stay inputs of the graphs: inductor's ``freezing`` 
 constants, GEMMs on prepacked weights) takes effect only when it is set in
 ``torch._inductor.config`` while dynamo traces, not as an option of ``torch.compile``, and set
 that way it made the fast model's step no faster at 16 to 256 rows (one and two threads,
-interleaved: 580-3,760 against 525-3,306 us a call at 16 and 256 rows on two), up to 9.5e-6
-from eager where the plain graph stays within 1.9e-6, and its warm-up 22.6 against 8.2 s (a
-trial on an AVX2 host).
+interleaved, fastest of 7: 593 and 3,360 against 525 and 3,306 us a call at 16 and 256 rows
+on two threads), up to 9.5e-6 from eager where the plain graph stays within 1.9e-6, and its
+warm-up 22.6 against 8.2 s (a trial on an AVX2 host).
 
 The encoder stays eager, because compiling it does not pay on the CPU: oneDNN's blocked
 convolutions (``models.onednn``) and the folded Conv-4 stack run it faster than inductor's
