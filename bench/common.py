@@ -138,7 +138,17 @@ def cpu_split(
 
 
 @contextlib.contextmanager
-def bmm_products() -> Iterator[None]:
+def replaced(module: object, name: str, value: object) -> Iterator[None]:
+    """``module.name`` is ``value`` meanwhile: graphs traced then take that formulation."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def bmm_products() -> contextlib.AbstractContextManager[None]:
     """Graphs traced meanwhile take the memory's products as ``bmm`` calls, as eager does.
 
     ``models.addressing.fused_products`` answers False, so a benchmark can set the served
@@ -146,9 +156,4 @@ def bmm_products() -> Iterator[None]:
     """
     from models import addressing
 
-    fused = addressing.fused_products
-    addressing.fused_products = lambda memory, other: False
-    try:
-        yield
-    finally:
-        addressing.fused_products = fused
+    return replaced(addressing, "fused_products", lambda memory, other: False)

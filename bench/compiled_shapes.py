@@ -1,6 +1,6 @@
 """The compiled recurrent step at batch sizes between powers of two: the served graphs against a padded ladder.
 
-``python -m bench.compiled_shapes [--model DIR ...] [--rows 16 65 ...] [--largest 256] [--json FILE]``
+``python -m bench.compiled_shapes [--model DIR ...] [--rows 16 65 ...] [--largest 256] [--ways W ...] [--json FILE]``
 
 A server's model calls have whatever number of rows its sessions bring. For each shipped
 model (by default) and row count it times, interleaved in one process, microseconds a call of
@@ -12,6 +12,8 @@ model (by default) and row count it times, interleaved in one process, microseco
 - bmm products: the served graphs traced with the memory's products (the keys against every
   slot, the read) as ``bmm`` calls instead of the multiply-and-sums that inductor fuses into its
   loops over the sessions (``models.addressing.fused_products``);
+- roll shift: the served graphs traced with the heads' circular shift as one ``torch.roll`` per
+  offset instead of slices of the circularly padded weighting (``models.addressing.circular_shift``);
 - symbolic: the served runner's symbolic graph alone for every call of two rows or more;
 - ladder: static graphs for 1, 2, 4, ... up to the largest batch, a call padded to the next size up by repeating
   its last row (what a server would run with one graph per power of two).
@@ -24,11 +26,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
-from bench.common import Runner, bmm_products, interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.common import (
+    Runner,
+    bmm_products,
+    interleaved_rates,
+    machine_load,
+    markdown_table,
+    median,
+    replaced,
+    write_json,
+)
+from models import addressing
 from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
 from models.inference import CPU_OPTIONS, CompiledRunner, EagerRunner, batch_ladder, pad_rows, rung
@@ -38,7 +51,7 @@ from models.state import NTMState
 LARGEST = 256
 ROWS = (1, 16, 33, 64, 65, 100, 128, 129, 200, 256)
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "served", "bmm products", "symbolic", "ladder")
+WAYS = ("eager", "served", "bmm products", "roll shift", "symbolic", "ladder")
 
 
 class SymbolicRunner(CompiledRunner):
@@ -51,20 +64,45 @@ class SymbolicRunner(CompiledRunner):
         return (1, 2)
 
 
-class BmmProductsRunner(CompiledRunner):
-    """The served runner with its graphs traced and called under ``bench.common.bmm_products``."""
+def roll_circular_shift(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The heads' circular shift (eq. 8) as one ``torch.roll`` per offset: the formulation the served slices replaced.
+
+    The same values as ``models.addressing.circular_shift``, bit for bit.
+    """
+    reach = (shift.shape[-1] - 1) // 2
+    weight = shift.split(1, dim=-1)
+    out = weight[reach] * w
+    for offset in range(1, reach + 1):
+        out = torch.addcmul(out, weight[reach + offset], torch.roll(w, offset, -1))
+        out = torch.addcmul(out, weight[reach - offset], torch.roll(w, -offset, -1))
+    return out
+
+
+class TracedUnderRunner(CompiledRunner):
+    """The served runner with its graphs traced and called under ``formulation()``, a context manager.
+
+    Its steps run under code objects of their own, so that dynamo keeps its graphs apart from
+    the served ones (and tells this class's instances apart by the formulation's guards).
+    """
+
+    def __init__(self, model: NTM, largest_batch: int, formulation: Callable[[], AbstractContextManager[None]]) -> None:
+        super().__init__(model, largest_batch)
+        self.formulation = formulation
 
     def _recurrent_flat(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The step under code objects of this class's own, so that dynamo keeps its graphs apart from the served ones."""
         return super()._recurrent_flat(pre, *state)
 
     def _recurrent_full(self, pre: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The static graph's step, under a code object of this class's own too."""
         return self._recurrent_flat(pre, *state)
 
     def recurrent_step(self, pre: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
-        with bmm_products():
+        with self.formulation():
             return super().recurrent_step(pre, state)
+
+
+def roll_shift() -> AbstractContextManager[None]:
+    """Graphs traced meanwhile shift the heads' weightings with ``roll_circular_shift``."""
+    return replaced(addressing, "circular_shift", roll_circular_shift)
 
 
 class LadderRunner(CompiledRunner):
@@ -110,16 +148,25 @@ def timed(runner: EagerRunner, pre: torch.Tensor, state: NTMState) -> Runner:
     return run
 
 
-def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_time: float) -> dict:
+def make_runner(way: str, model: NTM, largest: int) -> EagerRunner:
+    """The runner of one of ``WAYS``."""
+    if way == "eager":
+        return EagerRunner(model)
+    if way == "served":
+        return CompiledRunner(model, largest)
+    if way == "bmm products":
+        return TracedUnderRunner(model, largest, bmm_products)
+    if way == "roll shift":
+        return TracedUnderRunner(model, largest, roll_shift)
+    if way == "symbolic":
+        return SymbolicRunner(model, largest)
+    return LadderRunner(model, largest)
+
+
+def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_time: float, ways: list[str]) -> dict:
     """us a call per way and row count, for one model."""
     model = load_checkpoint(path).eval()
-    runners: dict[str, EagerRunner] = {
-        "eager": EagerRunner(model),
-        "served": CompiledRunner(model, largest),
-        "bmm products": BmmProductsRunner(model, largest),
-        "symbolic": SymbolicRunner(model, largest),
-        "ladder": LadderRunner(model, largest),
-    }
+    runners = {way: make_runner(way, model, largest) for way in ways}
     for runner in runners.values():
         runner.warm_up()
     calls: dict[str, dict[str, float]] = {}
@@ -143,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--ways", nargs="+", choices=WAYS, default=list(WAYS), help="the ways to time (two for a closer A/B)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if max(args.rows) > args.largest:
@@ -151,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     load, threads = machine_load(), torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = {path: measure(path, args.rows, args.largest, args.repeats, args.min_time) for path in args.model}
+        results = {
+            path: measure(path, args.rows, args.largest, args.repeats, args.min_time, args.ways) for path in args.model
+        }
     finally:  # the caller's count back (the tests call main in their own process)
         torch.set_num_threads(threads)
     for path, result in results.items():
         print(f"## {path}: us a call of the recurrent step ({args.threads} threads, load average {load:.2f})\n")
-        rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in WAYS)] for rows in result]
-        print(markdown_table(["rows", *WAYS], rows) + "\n")
+        rows = [[rows, *(f"{result[rows][name]:,.0f}" for name in args.ways)] for rows in result]
+        print(markdown_table(["rows", *args.ways], rows) + "\n")
     record = {"threads": args.threads, "load_average": load, "largest": args.largest, "us_per_call": results}
     write_json(args.json, record)
     return 0

@@ -48,6 +48,15 @@ def test_shift_is_a_circular_convolution():
     assert out.sum().item() == pytest.approx(1.0)
 
 
+def test_shift_equals_a_sum_of_rolls_for_any_reach():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(3, 2, 7, generator=gen)
+    for reach in (1, 2, 3):
+        s = torch.softmax(torch.rand(3, 2, 2 * reach + 1, generator=gen), dim=-1)
+        rolls = sum(s[..., reach + k : reach + k + 1] * torch.roll(w, k, -1) for k in range(-reach, reach + 1))
+        assert torch.allclose(addressing.circular_shift(w, s), rolls, atol=1e-7)
+
+
 def test_sharpening_by_hand():
     w = torch.tensor([[[0.2, 0.3, 0.5]]])
     gamma = torch.tensor([[[2.0]]])

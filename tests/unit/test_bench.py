@@ -30,9 +30,12 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
         "matmul_gflops",
         "flops_per_step",
         "bound_steps_per_s",
+        "products_steps_per_s",
         "us_per_step_batch_1",
         "targets",
     }
+    assert set(data["products_steps_per_s"]) == set(model_bench.CONFIGS)
+    assert all(rates["1"] > 0 for rates in data["products_steps_per_s"].values())
     assert set(data["steps_per_s"]) == {
         "prototype_conv4",
         "prototype_conv4_compiled",
@@ -44,7 +47,18 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
     }
     assert all(rates["1"] > 0 for rates in data["steps_per_s"].values())
     assert "us_batch_1" in data["targets"]
-    assert "| batch |" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "| batch |" in output and "products alone" in output
+
+
+def test_recorded_matrix_products_carry_nearly_all_of_the_counted_flops():
+    """The products' bound times what the FLOP count says they are: two independent counts agree."""
+    for config in model_bench.CONFIGS.values():
+        products = model_bench.matrix_products(model_bench.NTM(config).eval())
+        total = model_bench.flops_per_session_step(config)["total"]
+        assert 0.95 * total < products.flops() <= total
+    conv = model_bench.matrix_products(model_bench.NTM(NTMConfig(encoder="conv")).eval())
+    assert [c.gemm() for c in conv.convolutions] == [(196, 9, 16), (49, 144, 32), (16, 288, 64)]  # im2col, per image
 
 
 def test_training_bench_writes_its_figures(tmp_path, capsys):
@@ -229,7 +243,10 @@ def test_compiled_shapes_bench_times_every_way_at_every_size(tmp_path, tiny_chec
     timings = json.loads(out.read_text())["us_per_call"][str(tiny_checkpoint)]
     assert sorted(timings) == ["1", "3", "4"]
     assert all(sorted(ways) == sorted(compiled_shapes.WAYS) and min(ways.values()) > 0 for ways in timings.values())
-    assert "| rows | eager | served | bmm products | symbolic | ladder |" in capsys.readouterr().out
+    assert "| rows | eager | served | bmm products | roll shift | symbolic | ladder |" in capsys.readouterr().out
+    assert compiled_shapes.main([*argv, "--min-time", "0.01", "--ways", "eager", "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())["us_per_call"][str(tiny_checkpoint)]["3"]) == ["eager"]
+    assert "| rows | eager |\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compiled_shapes.main(["--model", str(tiny_checkpoint), "--rows", "5", "--largest", "4"])
 

@@ -244,6 +244,7 @@ def test_a_traced_step_takes_its_memory_products_as_multiply_and_sums_only_for_i
     for got, expected in zip(new_state.tensors(), expected_state.tensors(), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert len(graphs) == 1 and ("bmm" in graphs[0]) == training
+    assert "roll" not in graphs[0]  # the heads' shift as slices of the circularly padded weighting
 
 
 def test_an_exported_package_takes_its_memory_products_as_multiply_and_sums():
