@@ -51,7 +51,6 @@ from models.state import NTMState
 LARGEST = 256
 ROWS = (1, 16, 33, 64, 65, 100, 128, 129, 200, 256)
 MODELS = ("models/pretrained", "models/fast")
-WAYS = ("eager", "served", "bmm products", "roll shift", "symbolic", "ladder")
 
 
 class SymbolicRunner(CompiledRunner):
@@ -148,25 +147,23 @@ def timed(runner: EagerRunner, pre: torch.Tensor, state: NTMState) -> Runner:
     return run
 
 
-def make_runner(way: str, model: NTM, largest: int) -> EagerRunner:
-    """The runner of one of ``WAYS``."""
-    if way == "eager":
-        return EagerRunner(model)
-    if way == "served":
-        return CompiledRunner(model, largest)
-    if way == "bmm products":
-        return TracedUnderRunner(model, largest, bmm_products)
-    if way == "roll shift":
-        return TracedUnderRunner(model, largest, roll_shift)
-    if way == "symbolic":
-        return SymbolicRunner(model, largest)
-    return LadderRunner(model, largest)
+RUNNERS: dict[str, Callable[[NTM, int], EagerRunner]] = {  # by way, from the model and the largest batch
+    "eager": lambda model, largest: EagerRunner(model),
+    "served": CompiledRunner,
+    "bmm products": lambda model, largest: TracedUnderRunner(model, largest, bmm_products),
+    "roll shift": lambda model, largest: TracedUnderRunner(model, largest, roll_shift),
+    "symbolic": SymbolicRunner,
+    "ladder": LadderRunner,
+}
+
+
+WAYS = tuple(RUNNERS)
 
 
 def measure(path: str, rows_list: list[int], largest: int, repeats: int, min_time: float, ways: list[str]) -> dict:
     """us a call per way and row count, for one model."""
     model = load_checkpoint(path).eval()
-    runners = {way: make_runner(way, model, largest) for way in ways}
+    runners = {way: RUNNERS[way](model, largest) for way in ways}
     for runner in runners.values():
         runner.warm_up()
     calls: dict[str, dict[str, float]] = {}

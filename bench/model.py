@@ -12,12 +12,10 @@ step through the one-row AOTInductor packages a server loads once ready (``model
 ``torch.mm`` of 256x1024 @ 1024x1024 is timed in the same rotation; its rate divided by the
 FLOPs of one session-step (counted from the config) bounds the achievable session-steps/s.
 
-A second, tighter bound comes from the step's matrix products alone (``MatrixProducts``: the
-convolutions as their im2col GEMMs, the linear layers, the memory's batched products), each
-timed as a ``torch.mm`` or ``torch.bmm`` of its own shape at the batch, in the same rotation:
-the session-steps/s of a step that cost nothing but its products, each at the rate the GEMM
-library reaches for that shape. No implementation that calls that library can beat it, so its
-fraction of the FLOP bound is the most a target stated against the FLOP bound can ask.
+Each model's step's dense matrix products are also timed alone at the batch, in the same
+rotation (``bench.products``): the session-steps/s of a step that did nothing else, each
+product at the rate the libraries reach for its own shape. Reported beside the step, it says
+how much of the step's time goes outside its products; it is a reference, not a bound.
 """
 
 from __future__ import annotations
@@ -25,15 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import Runner, fmt, interleaved_rates, machine_load, markdown_table, median, write_json
+from bench.products import matrix_products, products_runner
 from bench.seed_reference import SeedNTM
 from models import NTM, NTMConfig
 from models.allocator import DEFAULT_KEEP_MB, keep_freed_memory
@@ -189,122 +184,6 @@ def matmul_runner() -> Runner:
     return run
 
 
-@dataclass(frozen=True)
-class Convolution:
-    """One convolution of a step, per image: its input [C, H, W], weight [C', C, k, k], stride, padding."""
-
-    image: tuple[int, int, int]
-    weight: tuple[int, int, int, int]
-    stride: int
-    padding: int
-    pixels_out: int
-
-    def gemm(self) -> tuple[int, int, int]:
-        """Its im2col GEMM per image: [output pixels, taps x input channels] @ [that, output channels]."""
-        channels_out, channels_in, k, _ = self.weight
-        return self.pixels_out, channels_in * k * k, channels_out
-
-
-class MatrixProducts(TorchDispatchMode):
-    """Records the matrix products of a one-row call: convolutions, GEMMs [M, K] @ [K, N] and batched products.
-
-    A linear layer's and ``addmm``'s GEMMs are their own; a batched product (``bmm``,
-    ``baddbmm``) is kept batched, with its batch as the rows. Recorded at one row, so each
-    product scales with the batch as its images, its M or its batch times the rows.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.convolutions: list[Convolution] = []
-        self.gemms: list[tuple[int, int, int]] = []  # [M, K] @ [K, N], M per row
-        self.batched: list[tuple[int, int, int, int]] = []  # per row: count, [n, k] @ [k, m]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name == "conv2d":
-            image, weight, _, stride, padding = args[:5]
-            pixels_out = out[0, 0].numel()
-            self.convolutions.append(
-                Convolution(tuple(image.shape[1:]), tuple(weight.shape), stride[0], padding[0], pixels_out)
-            )
-        elif name == "linear":
-            self.gemms.append((args[0].numel() // args[0].shape[-1], args[1].shape[1], args[1].shape[0]))
-        elif name in ("mm", "addmm"):
-            a, b = args[-2], args[-1]
-            self.gemms.append((a.shape[0], a.shape[1], b.shape[1]))
-        elif name in ("bmm", "baddbmm"):
-            a, b = args[-2], args[-1]
-            self.batched.append((a.shape[0], a.shape[1], a.shape[2], b.shape[2]))
-        return out
-
-    def flops(self) -> int:
-        """FLOPs of the recorded products at one row (a multiply-add is 2)."""
-        gemms = [*(c.gemm() for c in self.convolutions), *self.gemms]
-        return 2 * sum(m * k * n for m, k, n in gemms) + 2 * sum(c * n * k * m for c, n, k, m in self.batched)
-
-
-def matrix_products(model: NTM) -> MatrixProducts:
-    """The matrix products of one step of ``model`` at one row (the encoder's plain convolutions at one image)."""
-    size = model.config.image_size
-    recorder = MatrixProducts()
-    with torch.inference_mode(), recorder:
-        model.step(model.initial_state(1), torch.rand(1, size, size), model.label_input(torch.full((1,), -1)))
-    return recorder
-
-
-def fastest(ways: list[Callable[[], object]], calls: int = 5) -> Callable[[], object]:
-    """The way that ran fastest in its best of ``calls`` timed calls (after one to warm it up)."""
-
-    def best(way: Callable[[], object]) -> float:
-        way()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            way()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return min(ways, key=best)
-
-
-def convolution_ways(conv: Convolution, batch: int, gen: torch.Generator) -> list[Callable[[], object]]:
-    """A convolution at ``batch`` images two ways: its im2col GEMM, and oneDNN's direct convolution (blocked layout)."""
-    m, k, n = conv.gemm()
-    patches, factor = torch.randn(m * batch, k, generator=gen), torch.randn(k, n, generator=gen)
-    images = torch.randn(batch, *conv.image, generator=gen).to_mkldnn()
-    weight = torch.randn(*conv.weight, generator=gen)
-    bias = torch.randn(conv.weight[0], generator=gen).to_mkldnn()
-    padding, stride, dilation = [conv.padding] * 2, [conv.stride] * 2, [1, 1]
-    blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, 1)
-    return [
-        lambda: torch.mm(patches, factor),
-        lambda: torch.mkldnn_convolution(images, blocked, bias, padding, stride, dilation, 1),
-    ]
-
-
-def products_runner(products: MatrixProducts, batch: int) -> Runner:
-    """n calls of every recorded product at ``batch`` rows, one after another, on random operands.
-
-    A convolution runs whichever of its two ways (``convolution_ways``) was faster when the runner was made.
-    """
-    gen = torch.Generator().manual_seed(batch)
-    calls = [fastest(convolution_ways(conv, batch, gen)) for conv in products.convolutions]
-    for m, k, n in products.gemms:
-        a, b = torch.randn(m * batch, k, generator=gen), torch.randn(k, n, generator=gen)
-        calls.append(lambda a=a, b=b: torch.mm(a, b))
-    for c, n, k, m in products.batched:
-        a, b = torch.randn(c * batch, n, k, generator=gen), torch.randn(c * batch, k, m, generator=gen)
-        calls.append(lambda a=a, b=b: torch.bmm(a, b))
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            for call in calls:
-                call()
-
-    return run
-
-
 def measure(batches: list[int], repeats: int, min_time: float) -> dict:
     """Session-steps/s per model and batch (medians), and the matmul rate over all rounds."""
     torch.manual_seed(0)
@@ -313,7 +192,7 @@ def measure(batches: list[int], repeats: int, min_time: float) -> dict:
     seed = SeedNTM().eval()
     m, k, n = MATMUL
     rates: dict[str, dict[str, float]] = {name: {} for name in MODELS}
-    ceilings: dict[str, dict[str, float]] = {name: {} for name in CONFIGS}
+    products_rates: dict[str, dict[str, float]] = {name: {} for name in CONFIGS}
     matmul: list[float] = []
     with torch.inference_mode():
         for batch in batches:
@@ -328,12 +207,12 @@ def measure(batches: list[int], repeats: int, min_time: float) -> dict:
             for name in MODELS:
                 rates[name][str(batch)] = median(measured[name])
             for name in CONFIGS:
-                ceilings[name][str(batch)] = median(measured[f"products:{name}"])
+                products_rates[name][str(batch)] = median(measured[f"products:{name}"])
             matmul += measured["matmul"]
     return {
         "steps_per_s": rates,
-        "products_steps_per_s": ceilings,
-        "products_mflop_per_step": {name: p.flops() / 1e6 for name, p in products.items()},
+        "products_steps_per_s": products_rates,
+        "products_mflop_per_step": {name: p.dense_flops() / 1e6 for name, p in products.items()},  # those timed
         "matmul_gflops": median(matmul) / 1e9,
     }
 
@@ -360,16 +239,20 @@ def report(results: dict) -> str:
         markdown_table(header, rows),
         "",
     ]
-    ceilings = results["products_steps_per_s"]
+    products_rates = results["products_steps_per_s"]
     header = ["batch", *(f"{MODELS[name]}: products alone, session-steps/s (% of its bound)" for name in CONFIGS)]
     rows = [
         [
             batch,
-            *(f"{fmt(ceilings[name][batch])} ({100 * ceilings[name][batch] / bound[name]:.0f}%)" for name in CONFIGS),
+            *(
+                f"{fmt(products_rates[name][batch])} ({100 * products_rates[name][batch] / bound[name]:.0f}%)"
+                for name in CONFIGS
+            ),
         ]
         for batch in rates["seed"]
     ]
-    lines += ["The step's matrix products alone, each a GEMM of its own shape:", "", markdown_table(header, rows), ""]
+    title = "The step's dense matrix products alone, each at its own shape (bench.products: a reference, not a bound):"
+    lines += [title, "", markdown_table(header, rows), ""]
     us = results["us_per_step_batch_1"]
     if us:
         row = ["us/step at batch 1", *(fmt(us[name]) for name in MODELS)]

@@ -69,18 +69,19 @@ def interpolate(w_content: torch.Tensor, w_prev: torch.Tensor, gate: torch.Tenso
 def circular_shift(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """w~(i) = sum_j w_g(j) s(i - j), indices modulo N (eq. 8): a circular convolution.
 
-    w [B, H, N], shift [B, H, 2R+1] holding the weights of the offsets -R..+R in order, so
-    shift[..., R + k] moves weight from slot i to slot i + k. Vectorised over the batch and
-    heads: w is padded circularly by R slots at each end (its last R slots before it, its first
-    R after it), so that w rolled by k is the contiguous slice padded[R - k : R - k + N], and
-    each offset is one fused multiply-add of a slice. The same values as ``torch.roll`` per
-    offset, bit for bit; in a graph that inductor compiles, a slice is a plain vector load
-    where a roll is a gather with a modulo per slot. The fast model's compiled recurrent step
-    against the same graph with rolls (``python -m bench.compiled_shapes --ways served "roll
-    shift"``, 15 interleaved repeats, Intel Xeon with AVX-512), us a call at 16, 64, 129 and 256
-    rows: 546, 852, 2,378, 3,188 against 554, 924, 2,807, 3,425 on two threads; 523, 1,224,
-    3,130, 5,534 against 535, 1,267, 3,247, 5,700 on one. Eager (one thread, the shift timed
-    alone) the two are within 10% of each other at 1 to 256 rows.
+    w [B, H, N], shift [B, H, 2R+1] holding the weights of the offsets -R..+R in order (R < N,
+    ``NTMConfig.shift_range``), so shift[..., R + k] moves weight from slot i to slot i + k.
+    Vectorised over the batch and heads: w is padded circularly by R slots at each end (its last
+    R slots before it, its first R after it), so that w rolled by k is the contiguous slice
+    padded[R - k : R - k + N], and each offset is one fused multiply-add of a slice. The same
+    values as one ``torch.roll`` per offset, bit for bit (test); in a graph that inductor
+    compiles, a slice is a plain vector load where a roll is a gather with a modulo per slot.
+    The fast model's compiled recurrent step against the same graph with rolls (``python -m
+    bench.compiled_shapes --ways served "roll shift"``, the two interleaved, 15 repeats, an
+    Intel Xeon with AVX-512), us a call at 16, 64, 129 and 256 rows: 546, 852, 2,378, 3,188
+    against 554, 924, 2,807, 3,425 on two threads; 523, 1,224, 3,130, 5,534 against 535, 1,267,
+    3,247, 5,700 on one: 1-15% and 2-4% faster. With six ways in the rotation the same bench
+    that hour was noisier than the difference (``docs/benchmarks.md``).
     """
     reach = (shift.shape[-1] - 1) // 2
     slots = w.shape[-1]

@@ -10,8 +10,9 @@ previous call's, so each call faults its pages in again, a kernel trap for every
 Keeping them mapped makes a freed block the next call's block.
 
 How much it matters depends on the pattern of sizes. A model thread's eager recurrent steps
-over batches of 64, 40, 56 and 24 rows in turn fault 311 pages in a step with glibc's defaults
-and 0.55 with these thresholds (``tests/unit/test_allocator.py``). Over HTTP (``python -m
+over batches of 64, 40, 56 and 24 rows in turn fault 90 pages in a step with glibc's defaults
+and 0.95 with these thresholds (``tests/unit/test_allocator.py``; 311 and 0.55 when the heads'
+shift allocated one rolled weighting per offset). Over HTTP (``python -m
 bench.http --model models/fast --image gray8 --compile 1 --malloc-keep-mb 0 512 0 512``) the
 fast model's 64-image predictions ran at 22,837 and 22,325 images/s against 15,509 and 15,922
 with glibc's defaults; single steps and the batch form did not move (4,674-4,817 steps/s).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import model as model_bench
+from bench import products
 from bench import training as training_bench
 from bench.seed_reference import SeedNTM
 from models import NTMConfig
@@ -52,13 +53,36 @@ def test_model_bench_writes_its_figures(tmp_path, capsys):
 
 
 def test_recorded_matrix_products_carry_nearly_all_of_the_counted_flops():
-    """The products' bound times what the FLOP count says they are: two independent counts agree."""
+    """Two independent counts agree: the products recorded from a step and ``flops_per_session_step``."""
     for config in model_bench.CONFIGS.values():
-        products = model_bench.matrix_products(model_bench.NTM(config).eval())
+        recorded = products.matrix_products(model_bench.NTM(config).eval())
         total = model_bench.flops_per_session_step(config)["total"]
-        assert 0.95 * total < products.flops() <= total
-    conv = model_bench.matrix_products(model_bench.NTM(NTMConfig(encoder="conv")).eval())
+        assert 0.95 * total < recorded.flops() <= total
+        assert 0.9 * total < recorded.dense_flops() <= recorded.flops()
+    conv = products.matrix_products(model_bench.NTM(NTMConfig(encoder="conv")).eval())
     assert [c.gemm() for c in conv.convolutions] == [(196, 9, 16), (49, 144, 32), (16, 288, 64)]  # im2col, per image
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_a_convolution_is_recorded_with_the_arguments_it_left_out(mode):
+    """Stride, padding and dilation at their defaults, groups; as ``conv2d`` or (with autograd's key) ``convolution``."""
+    recorder = products.MatrixProducts()
+    with mode(), recorder:
+        torch.nn.functional.conv2d(torch.rand(1, 4, 9, 9), torch.rand(6, 2, 3, 3), groups=2)
+    (conv,) = recorder.convolutions
+    assert (conv.stride, conv.padding, conv.dilation, conv.groups) == ((1, 1), (0, 0), (1, 1), 2)
+    assert conv.gemm() == (49, 18, 6) and recorder.flops() == 2 * 49 * 18 * 6
+
+
+def test_each_way_of_a_recorded_convolution_computes_its_whole_output():
+    recorder = products.MatrixProducts()
+    with torch.inference_mode(), recorder:
+        torch.nn.functional.conv2d(torch.rand(1, 3, 12, 12), torch.rand(8, 3, 3, 3), stride=2, padding=1)
+    (conv,) = recorder.convolutions
+    with torch.inference_mode():
+        gemm, direct = products.convolution_ways(conv, 5, torch.Generator().manual_seed(0))
+        assert gemm().shape == (5 * 36, 8) and direct().to_dense().shape == (5, 8, 6, 6)
+        products.products_runner(recorder, 5)(2)
 
 
 def test_training_bench_writes_its_figures(tmp_path, capsys):
