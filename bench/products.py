@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.modules.utils import _pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import NTM
@@ -51,10 +52,6 @@ class Convolution:
     def gemm(self) -> tuple[int, int, int]:
         """Its im2col GEMM per image: [output pixels, taps x input channels] @ [that, output channels]."""
         return self.pixels_out, int(torch.Size(self.weight[1:]).numel()), self.weight[0]
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, ...]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def arguments(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
